@@ -1,0 +1,144 @@
+"""Reading and writing NextStep checkpoints in the official Hugging Face layout.
+
+A model folder holds `config.json`, the tokenizer files and either
+`model.safetensors` or shards listed in `model.safetensors.index.json`.
+Loading builds the model on the meta device and moves each tensor in from its
+shard, one at a time, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .atomic import atomic_write
+from ..config import NextStepConfig
+from ..errors import CheckpointError
+from ..model import NextStep
+from ..model.pos_embed import sincos_2d
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, in shard order."""
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder / INDEX}: not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    else:
+        raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX} found")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
+    return files
+
+
+def iter_safetensors(path: Path, device: torch.device) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, tensor) from one safetensors file, naming the file if it is corrupt."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def _assign(model: nn.Module, key: str, value: Tensor, source: Path) -> None:
+    """Replace parameter/buffer `key` (possibly on meta) by `value`, checking the shape."""
+    module_name, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or (name not in module._parameters and name not in module._buffers):
+        raise CheckpointError(f"{source}: unexpected tensor {key!r} (not a NextStep parameter)")
+    current = module._parameters.get(name, module._buffers.get(name))
+    if tuple(current.shape) != tuple(value.shape):
+        raise CheckpointError(
+            f"{source}: {key!r} has shape {tuple(value.shape)}, the config expects {tuple(current.shape)}")
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=current.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> NextStep:
+    """Build NextStep from a model folder (config.json + safetensors weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    config = NextStepConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = NextStep(config)
+    expected = set(model.state_dict().keys())
+    tied = config.tie_word_embeddings
+    if tied:
+        expected.discard("lm_head.weight")
+    loaded: set[str] = set()
+    for path in weight_files(folder):
+        for key, tensor in iter_safetensors(path, device):
+            if tied and key == "lm_head.weight":
+                continue
+            if key in loaded:
+                raise CheckpointError(f"{path}: tensor {key!r} appears in more than one shard")
+            _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor, path)
+            loaded.add(key)
+    missing = expected - loaded
+    if "gen_pos_embed" in missing:
+        # Some checkpoints omit the fixed sin-cos table; it is a function of the config.
+        g = config.base_image_grid_size
+        model._buffers["gen_pos_embed"] = sincos_2d(config.hidden_size, g, g)[None].to(device, dtype)
+        missing.discard("gen_pos_embed")
+    if missing:
+        names = sorted(missing)
+        raise CheckpointError(f"{folder}: checkpoint lacks {len(names)} tensors, e.g. {names[:5]}")
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def save_model(model: NextStep, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and the weights (sharded with an index above `max_shard_bytes`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value.cpu()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        (folder / INDEX).unlink(missing_ok=True)
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            atomic_write(folder / name, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        (folder / WEIGHTS).unlink(missing_ok=True)
+    config = model.config.to_json()
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(config))

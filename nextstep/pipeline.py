@@ -1,0 +1,234 @@
+"""NextStepPipeline: captions (and source images) in, PIL images out.
+
+`generate_image` keeps the official signature and semantics, so scripts
+written for the official pipeline port by changing one import. Where the
+official code crashed or silently did something else, we either do the right
+thing or raise a clear error (see docs/differences.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .devices import resolve
+from .errors import CheckpointError
+from .io import load_model, save_model
+from .model import NextStep, unpatchify
+from .model.pos_embed import sincos_2d
+from .sampling import FlowSampler
+from .sampling.autoregressive import generate_tokens
+from .text import IMAGE_TAG, TextTokenizer, image_block, image_prefix
+from .vae import AutoencoderKL, DiagonalGaussian
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def pil_to_pixels(image: Image.Image) -> Tensor:
+    """PIL -> (3, H, W) float in [-1, 1] (the reference's ToTensor + Normalize(0.5, 0.5))."""
+    x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return x.sub(0.5).div(0.5)
+
+
+def pixels_to_pil(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in about [-1, 1] -> PIL images."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int) -> list[tuple[float, float]]:
+    """(cfg, cfg_img) for each token. "linear" starts at the full scale and falls towards 1."""
+    if schedule == "constant":
+        return [(cfg, cfg_img)] * n_tokens
+    return [(1 + (cfg - 1) * (n_tokens - k) / n_tokens, 1 + (cfg_img - 1) * (n_tokens - k) / n_tokens)
+            for k in range(n_tokens)]
+
+
+class NextStepPipeline:
+    def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer) -> None:
+        self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        cfg = model.config
+        ids = {"boi": (cfg.boi, tokenizer.boi_id), "eoi": (cfg.eoi, tokenizer.eoi_id),
+               "image_placeholder_id": (cfg.image_placeholder_id, tokenizer.placeholder_id)}
+        wrong = {k: v for k, v in ids.items() if v[0] != v[1]}
+        if wrong:
+            raise CheckpointError(f"config and tokenizer disagree on special token ids (config, tokenizer): {wrong}")
+        if vae.config.z_channels != cfg.latent_channels:
+            raise CheckpointError(
+                f"VAE has {vae.config.z_channels} latent channels, the model expects {cfg.latent_channels}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def down_factor(self) -> int:
+        """Pixels per image token along each side (16 for f8 latents in 2x2 patches)."""
+        return self.vae.down_factor * self.model.config.latent_patch_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, vae_dir: str | Path | None = None,
+                        device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> "NextStepPipeline":
+        """Load a model folder (official layout). The VAE comes from `vae_dir`, else from the
+        config's `vae_name_or_path` (relative to the model folder), else from `<model_dir>/vae`."""
+        device, dtype = resolve(device, dtype)
+        model_dir = Path(model_dir)
+        model = load_model(model_dir, device, dtype)
+        tokenizer = TextTokenizer.from_pretrained(model_dir)
+        if vae_dir is None:
+            name = model.config.vae_name_or_path
+            vae_dir = model_dir / (name if name else "vae")
+            if not vae_dir.is_dir():
+                raise CheckpointError(
+                    f"no VAE folder at {vae_dir} (from vae_name_or_path={name!r}); pass vae_dir=")
+        # The VAE stays in fp32: it is small and decoding is where precision shows.
+        vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32)
+        return cls(model, vae, tokenizer)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the official layout: config, safetensors, tokenizer files, and the VAE in `vae/`."""
+        folder = Path(folder)
+        self.model.config.vae_name_or_path = "vae"
+        save_model(self.model, folder)
+        self.tokenizer.save_pretrained(folder)
+        self.vae.save_pretrained(folder / "vae")
+
+    # ------------------------------------------------------------------ generation
+    def generate_image(
+        self,
+        captions: str | Sequence[str],
+        images: Image.Image | Sequence[Image.Image] | None = None,
+        num_images_per_caption: int = 1,
+        positive_prompt: str | None = None,
+        negative_prompt: str | None = None,
+        hw: tuple[int, int] = (256, 256),
+        use_norm: bool = False,
+        cfg: float = 1.0,
+        cfg_img: float = 1.0,
+        cfg_schedule: str = "constant",
+        timesteps_shift: float = 1.0,
+        num_sampling_steps: int = 20,
+        seed: int = 42,
+        progress: bool = True,
+        sampler: str = "euler_maruyama",
+    ) -> list[Image.Image]:
+        """Generate `num_images_per_caption` images per caption (caption-major order).
+
+        With `images`, every caption must hold exactly one `<image>`, which is
+        replaced by that source image (editing). `cfg` guides by the text,
+        `cfg_img` (editing only) by the source image.
+        """
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if images is not None:
+            images = [images] if isinstance(images, Image.Image) else list(images)
+        flow = FlowSampler(sampler, num_sampling_steps, timesteps_shift)
+        self._check(captions, images, num_images_per_caption, hw, cfg, cfg_img, cfg_schedule)
+        n = num_images_per_caption
+        f = self.down_factor
+        h_tok, w_tok = hw[0] // f, hw[1] // f
+        n_tokens = h_tok * w_tok
+
+        # Prompt rows: groups of n_cond rows, [cond; uncond_1; (uncond_2)].
+        edit = images is not None
+        groups = 3 if edit and cfg_img != 1 else 2 if cfg != 1 else 1
+        suffix = f" {positive_prompt}" if positive_prompt else ""
+        negative = negative_prompt or ""
+        cond = [c for c in captions for _ in range(n)]
+        row_images = [im for im in images for _ in range(n)] if edit else []
+        rows = [self._with_image(c, row_images[i] if edit else None) + suffix for i, c in enumerate(cond)]
+        if groups == 3:
+            rows += [image_block(*self._grid(im)) + negative for im in row_images] + [negative] * len(cond)
+            row_images = row_images + row_images
+        elif groups == 2:
+            rows += [negative] * len(cond)
+        input_ids, attention_mask = self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)))
+        if input_ids.shape[1] + n_tokens > self.model.config.max_position_embeddings:
+            raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
+                             f"max_position_embeddings={self.model.config.max_position_embeddings}")
+
+        # All randomness comes from one CPU generator, in the reference's order:
+        # the source images' posterior samples, then every token's noise.
+        generator = torch.Generator().manual_seed(seed)
+        latents = self._encode(row_images, generator) if edit else None
+        noise = torch.randn((n_tokens, flow.noise_draws, n, self.model.config.token_dim), generator=generator)
+        # The k-th image of every caption shares noise, as in the reference.
+        noise = noise.repeat(1, 1, len(captions), 1)
+
+        pos_embed = None
+        if self.model.config.use_gen_pos_embed:
+            pos_embed = sincos_2d(self.model.config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
+        tokens = generate_tokens(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), n_tokens, flow, noise,
+            guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens), groups, latents, pos_embed,
+            use_norm=use_norm, progress=progress)
+        return self.decode_tokens(tokens, h_tok, w_tok)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: Tensor, h_tok: int, w_tok: int) -> list[Image.Image]:
+        """Image tokens (B, h*w, token_dim) -> PIL images."""
+        latents = unpatchify(tokens.float(), self.model.config.latent_patch_size, h_tok, w_tok)
+        return pixels_to_pil(self.vae.from_latents(latents))
+
+    # ------------------------------------------------------------------ helpers
+    def _grid(self, image: Image.Image) -> tuple[int, int]:
+        return image.height // self.down_factor, image.width // self.down_factor
+
+    def _with_image(self, caption: str, image: Image.Image | None) -> str:
+        return caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))
+
+    @torch.inference_mode()
+    def _encode(self, row_images: list[Image.Image], generator: torch.Generator) -> Tensor | list[Tensor]:
+        """Scaled latents of each row's source image; one posterior sample per row, drawn in row order."""
+        vae = self.vae
+        unique = list({id(im): im for im in row_images}.values())
+        posteriors = {}
+        for im in unique:
+            posteriors[id(im)] = vae.encode(pil_to_pixels(im)[None].to(self.device))
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+        if len({im.size for im in unique}) == 1:
+            # Same size: one draw for all rows, exactly like encoding the stacked batch.
+            mean = torch.cat([posteriors[id(im)].mean for im in row_images])
+            logvar = torch.cat([posteriors[id(im)].logvar for im in row_images])
+            z = DiagonalGaussian(mean, logvar, vae.config.deterministic).sample(generator)
+            return ((z - shift) * scale).to(self.model.dtype)
+        return [((posteriors[id(im)].sample(generator) - shift) * scale).to(self.model.dtype) for im in row_images]
+
+    def _check(self, captions, images, n, hw, cfg, cfg_img, cfg_schedule) -> None:
+        if not captions:
+            raise ValueError("captions is empty")
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be strings")
+        if n < 1:
+            raise ValueError(f"num_images_per_caption must be >= 1, got {n}")
+        f = self.down_factor
+        if len(hw) != 2 or any(int(s) != s or s < f or s % f for s in hw):
+            raise ValueError(f"hw={tuple(hw)}: height and width must be positive multiples of {f}")
+        if cfg < 1 or cfg_img < 1:
+            raise ValueError(f"guidance scales must be >= 1 (1 means no guidance), got cfg={cfg}, cfg_img={cfg_img}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        tags = [c.count(IMAGE_TAG) for c in captions]
+        if images is None:
+            if cfg_img != 1:
+                raise ValueError("cfg_img guides by a source image: pass images= (editing) or leave cfg_img=1")
+            if any(tags):
+                raise ValueError(f"a caption contains {IMAGE_TAG} but no images were given")
+            return
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images for {len(captions)} captions: give one source image per caption")
+        if any(t != 1 for t in tags):
+            raise ValueError(f"with images, every caption must contain exactly one {IMAGE_TAG} "
+                             f"(counts: {tags})")
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"images must be PIL images, got {type(im).__name__}")
+            if im.width % f or im.height % f:
+                raise ValueError(f"source image of size {im.width}x{im.height}: width and height must be "
+                                 f"multiples of {f} (resize or crop it first)")

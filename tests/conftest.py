@@ -1,0 +1,39 @@
+"""Shared test helpers: where the reference fixtures live and how to read them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+REF10 = FIXTURES / "reference-tiny"
+REF11 = FIXTURES / "reference-1.1-tiny"
+
+torch.set_num_threads(2)
+
+
+def _require(folder: Path) -> Path:
+    if not (folder / "cases.json").exists():
+        pytest.skip(f"reference fixtures not found at {folder} (expected ../shared/fixtures next to the repo)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ref10() -> Path:
+    return _require(REF10)
+
+
+@pytest.fixture(scope="session")
+def cases10(ref10: Path) -> dict:
+    return json.loads((ref10 / "cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def expected10(ref10: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ref10 / "expected.safetensors"))
