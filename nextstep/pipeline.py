@@ -9,6 +9,7 @@ thing or raise a clear error (see docs/differences.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,22 @@ def pixels_to_pil(x: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in about [-1, 1] -> PIL images."""
     x = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+@dataclass
+class GenerationRequest:
+    """A validated generation call, ready for the token loop."""
+
+    input_ids: Tensor  # (groups * B, T), left-padded
+    attention_mask: Tensor
+    latents: Tensor | list[Tensor] | None  # scaled source-image latents, one per image-bearing row
+    noise: Tensor  # (n_tokens, noise_draws, B, token_dim)
+    guidance: list[tuple[float, float]]  # (cfg, cfg_img) per token
+    groups: int
+    sampler: FlowSampler
+    grid: tuple[int, int]  # image tokens per column and row
+    pos_embed: Tensor | None
+    use_norm: bool
 
 
 def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int) -> list[tuple[float, float]]:
@@ -125,17 +142,16 @@ class NextStepPipeline:
         replaced by that source image (editing). `cfg` guides by the text,
         `cfg_img` (editing only) by the source image.
         """
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        if images is not None:
-            images = [images] if isinstance(images, Image.Image) else list(images)
-        flow = FlowSampler(sampler, num_sampling_steps, timesteps_shift)
-        self._check(captions, images, num_images_per_caption, hw, cfg, cfg_img, cfg_schedule)
-        n = num_images_per_caption
-        f = self.down_factor
-        h_tok, w_tok = hw[0] // f, hw[1] // f
-        n_tokens = h_tok * w_tok
+        request = self.prepare(captions, images, num_images_per_caption, positive_prompt, negative_prompt, hw,
+                               use_norm, cfg, cfg_img, cfg_schedule, timesteps_shift, num_sampling_steps, seed,
+                               sampler)
+        return self.decode_tokens(self.sample_tokens(request, progress=progress), request.grid)
 
-        # Prompt rows: groups of n_cond rows, [cond; uncond_1; (uncond_2)].
+    def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int,
+                    positive_prompt: str | None, negative_prompt: str | None, cfg: float, cfg_img: float
+                    ) -> tuple[list[str], list[Image.Image], int]:
+        """The prompt text of every row, the source image of every row that has one, and the
+        number of guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each."""
         edit = images is not None
         groups = 3 if edit and cfg_img != 1 else 2 if cfg != 1 else 1
         suffix = f" {positive_prompt}" if positive_prompt else ""
@@ -143,38 +159,67 @@ class NextStepPipeline:
         cond = [c for c in captions for _ in range(n)]
         row_images = [im for im in images for _ in range(n)] if edit else []
         rows = [self._with_image(c, row_images[i] if edit else None) + suffix for i, c in enumerate(cond)]
-        if groups == 3:
+        if groups == 3:  # uncond_1 keeps the source image but not the text; uncond_2 drops both
             rows += [image_block(*self._grid(im)) + negative for im in row_images] + [negative] * len(cond)
             row_images = row_images + row_images
         elif groups == 2:
             rows += [negative] * len(cond)
+        return rows, row_images, groups
+
+    def prepare(self, captions: str | Sequence[str], images: Image.Image | Sequence[Image.Image] | None = None,
+                num_images_per_caption: int = 1, positive_prompt: str | None = None,
+                negative_prompt: str | None = None, hw: tuple[int, int] = (256, 256), use_norm: bool = False,
+                cfg: float = 1.0, cfg_img: float = 1.0, cfg_schedule: str = "constant",
+                timesteps_shift: float = 1.0, num_sampling_steps: int = 20, seed: int = 42,
+                sampler: str = "euler_maruyama") -> GenerationRequest:
+        """Validate the arguments and build everything the token loop needs (prompt ids, source
+        latents, noise), drawing all randomness from one CPU generator seeded with `seed`."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if images is not None:
+            images = [images] if isinstance(images, Image.Image) else list(images)
+        flow = FlowSampler(sampler, num_sampling_steps, timesteps_shift)
+        self._check(captions, images, num_images_per_caption, hw, cfg, cfg_img, cfg_schedule)
+        n = num_images_per_caption
+        config = self.model.config
+        h_tok, w_tok = hw[0] // self.down_factor, hw[1] // self.down_factor
+        n_tokens = h_tok * w_tok
+
+        rows, row_images, groups = self.prompt_rows(captions, images, n, positive_prompt, negative_prompt,
+                                                    cfg, cfg_img)
         input_ids, attention_mask = self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)))
-        if input_ids.shape[1] + n_tokens > self.model.config.max_position_embeddings:
+        if input_ids.shape[1] + n_tokens > config.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
-                             f"max_position_embeddings={self.model.config.max_position_embeddings}")
+                             f"max_position_embeddings={config.max_position_embeddings}")
 
-        # All randomness comes from one CPU generator, in the reference's order:
-        # the source images' posterior samples, then every token's noise.
+        # The reference's order of draws: the source images' posterior samples, then each token's noise.
         generator = torch.Generator().manual_seed(seed)
-        latents = self._encode(row_images, generator) if edit else None
-        noise = torch.randn((n_tokens, flow.noise_draws, n, self.model.config.token_dim), generator=generator)
-        # The k-th image of every caption shares noise, as in the reference.
+        latents = self._encode(row_images, generator) if row_images else None
+        noise = torch.randn((n_tokens, flow.noise_draws, n, config.token_dim), generator=generator)
+        # The k-th image of every caption shares its noise, as in the reference.
         noise = noise.repeat(1, 1, len(captions), 1)
-
         pos_embed = None
-        if self.model.config.use_gen_pos_embed:
-            pos_embed = sincos_2d(self.model.config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
-        tokens = generate_tokens(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device), n_tokens, flow, noise,
-            guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens), groups, latents, pos_embed,
-            use_norm=use_norm, progress=progress)
-        return self.decode_tokens(tokens, h_tok, w_tok)
+        if config.use_gen_pos_embed:
+            pos_embed = sincos_2d(config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
+        return GenerationRequest(input_ids.to(self.device), attention_mask.to(self.device), latents, noise,
+                                 guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens), groups, flow,
+                                 (h_tok, w_tok), pos_embed, use_norm)
+
+    def sample_tokens(self, request: GenerationRequest, progress: bool = False,
+                      trace: dict[str, list[Tensor]] | None = None) -> Tensor:
+        """Run the autoregressive loop of a prepared request: (B, n_tokens, token_dim)."""
+        r = request
+        return generate_tokens(self.model, r.input_ids, r.attention_mask, r.grid[0] * r.grid[1], r.sampler,
+                               r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace)
+
+    def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> list[Image.Image]:
+        """Image tokens (B, h*w, token_dim) on a grid of (h, w) tokens -> PIL images."""
+        return pixels_to_pil(self.decode_pixels(tokens, grid))
 
     @torch.inference_mode()
-    def decode_tokens(self, tokens: Tensor, h_tok: int, w_tok: int) -> list[Image.Image]:
-        """Image tokens (B, h*w, token_dim) -> PIL images."""
-        latents = unpatchify(tokens.float(), self.model.config.latent_patch_size, h_tok, w_tok)
-        return pixels_to_pil(self.vae.from_latents(latents))
+    def decode_pixels(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Image tokens -> VAE output (B, 3, H, W), float, about [-1, 1]."""
+        latents = unpatchify(tokens.float(), self.model.config.latent_patch_size, *grid)
+        return self.vae.from_latents(latents)
 
     # ------------------------------------------------------------------ helpers
     def _grid(self, image: Image.Image) -> tuple[int, int]:

@@ -1,0 +1,170 @@
+"""Time `NextStepPipeline.generate_image` on the "bench" configuration (CPU).
+
+The model is the fixture's tiny config scaled up (hidden 256, 4 layers, 8 heads,
+4 KV heads, intermediate 768, flow head 256 x 3) with seeded random weights, plus
+the fixture's tokenizer and tiny VAE. Prints median timings per batch, the
+speed-up against the official pipeline measured on this kind of machine, where
+the time goes (decoder / flow head / VAE decode / elsewhere), and the per-token
+cost at 256 vs 64 image tokens.
+
+    python benchmarks/generate.py [--threads 2] [--runs 5] [--sampler euler] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import nextstep.sampling.autoregressive as ar
+from nextstep import AutoencoderKL, NextStep, NextStepConfig, NextStepPipeline
+from nextstep.sampling import SAMPLERS
+from nextstep.sampling.flow import PreparedSampler
+from nextstep.text import TextTokenizer
+
+FIXTURE = Path("/work/shared/fixtures/reference-tiny")
+BENCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+             intermediate_size=768, vocab_size=576, fm_head_dim=256, fm_head_layers=3)
+# Official pipeline, seconds per image on this kind of machine (fp32, 64 tokens, cfg 3, 20 steps).
+OFFICIAL_S_PER_IMAGE = {1: 1.48, 4: 0.45}
+CAPTION = "A red fox in the snow, oil painting"
+NEGATIVE = "blurry, low quality, watermark"
+
+
+def build_pipeline(fixture: Path, dtype: torch.dtype, seed: int) -> NextStepPipeline:
+    config = NextStepConfig.from_dict({**NextStepConfig.from_pretrained(fixture / "model").to_dict(), **BENCH})
+    model = NextStep(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.02
+            # Norm gains around 1, everything else (adaLN included: never zero) small and random.
+            is_norm_gain = p.ndim == 1 and ("norm" in name or "_ln" in name) and name.endswith("weight")
+            p.copy_(1 + noise if is_norm_gain else noise)
+    model = model.to(dtype).eval()
+    tokenizer = TextTokenizer.from_pretrained(fixture / "model")
+    vae = AutoencoderKL.from_pretrained(fixture / "vae", dtype=torch.float32)
+    return NextStepPipeline(model, vae, tokenizer)
+
+
+@contextmanager
+def section_timers():
+    """Accumulate wall time spent in the decoder, the flow head and the VAE decode (monkeypatched)."""
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return wrapper
+
+    saved = (ar.prefill, ar.decode_one_token, PreparedSampler.sample, NextStepPipeline.decode_tokens)
+    ar.prefill = timed(saved[0], "decoder")
+    ar.decode_one_token = timed(saved[1], "decoder")
+    PreparedSampler.sample = timed(saved[2], "flow head")
+    NextStepPipeline.decode_tokens = timed(saved[3], "vae decode")
+    try:
+        yield spent
+    finally:
+        ar.prefill, ar.decode_one_token, PreparedSampler.sample, NextStepPipeline.decode_tokens = saved
+
+
+def measure(pipe: NextStepPipeline, batch: int, hw: tuple[int, int], runs: int, sampler: str) -> list[dict]:
+    """One warm-up, then `runs` timed calls; each result holds 'total' and the per-section times."""
+    def call():
+        return pipe.generate_image(CAPTION, negative_prompt=NEGATIVE, num_images_per_caption=batch, hw=hw,
+                                   cfg=3.0, num_sampling_steps=20, use_norm=True, seed=42, progress=False,
+                                   sampler=sampler)
+
+    call()
+    results = []
+    for _ in range(runs):
+        with section_timers() as spent:
+            t0 = time.perf_counter()
+            images = call()
+            total = time.perf_counter() - t0
+        assert len(images) == batch
+        results.append({"total": total, **spent})
+    return results
+
+
+def median_run(results: list[dict]) -> dict:
+    return sorted(results, key=lambda r: r["total"])[len(results) // 2]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; the median is reported")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="num_images_per_caption values")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="euler_maruyama")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--fixture", type=Path, default=FIXTURE)
+    ap.add_argument("--skip-scaling", action="store_true", help="skip the 256- vs 64-token comparison")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    pipe = build_pipeline(args.fixture, dtype, args.seed)
+    n_params = sum(p.numel() for p in pipe.model.parameters())
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+          f"sampler {args.sampler}, bench model {n_params / 1e6:.2f}M params")
+    print(f"generate_image(hw=128x128 -> 64 tokens, cfg=3.0, 20 steps, use_norm=True), "
+          f"1 warm-up + median of {args.runs}\n")
+
+    rows, breakdowns = [], {}
+    for b in args.batches:
+        res = measure(pipe, b, (128, 128), args.runs, args.sampler)
+        med = statistics.median(r["total"] for r in res)
+        per_image = med / b
+        official = OFFICIAL_S_PER_IMAGE.get(b)
+        speedup = f"{official / per_image:.2f}x" if official else "-"
+        rows.append([b, f"{med:.3f}", f"{per_image:.3f}", f"{64 * b / med:.1f}",
+                     f"{official:.2f}" if official else "-", speedup,
+                     f"{min(r['total'] for r in res):.3f}", f"{max(r['total'] for r in res):.3f}"])
+        breakdowns[b] = median_run(res)
+        if b == 1:
+            per_token_64 = statistics.median((r["total"] - r["vae decode"]) / 64 for r in res)
+    print(table(["batch", "median s", "s/image", "img tok/s", "official s/img", "speed-up vs official",
+                 "min s", "max s"], rows))
+
+    print("\nWhere the time goes (the median run of each batch):")
+    rows = []
+    for b, r in breakdowns.items():
+        known = r["decoder"] + r["flow head"] + r["vae decode"]
+        elsewhere = r["total"] - known
+        pct = lambda x: f"{x:.3f} ({100 * x / r['total']:4.1f}%)"  # noqa: E731
+        rows.append([b, f"{r['total']:.3f}", pct(r["decoder"]), pct(r["flow head"]), pct(r["vae decode"]),
+                     pct(elsewhere)])
+    print(table(["batch", "total s", "decoder s", "flow head s", "vae decode s", "elsewhere s"], rows))
+    if 1 in breakdowns:
+        r = breakdowns[1]
+        share = (r["total"] - r["decoder"] - r["flow head"] - r["vae decode"]) / r["total"]
+        print(f"elsewhere at batch 1: {100 * share:.1f}% (target < 15%: {'met' if share < 0.15 else 'NOT met'})")
+
+    if not args.skip_scaling and 1 in args.batches:
+        res = measure(pipe, 1, (256, 256), args.runs, args.sampler)
+        per_token_256 = statistics.median((r["total"] - r["vae decode"]) / 256 for r in res)
+        print("\nPer-token cost, batch 1, (total - vae decode) / tokens, median runs:")
+        print(table(["tokens", "hw", "ms/token"],
+                    [[64, "128x128", f"{1e3 * per_token_64:.2f}"], [256, "256x256", f"{1e3 * per_token_256:.2f}"]]))
+        print(f"ratio 256/64: {per_token_256 / per_token_64:.2f} (a KV cache keeps this near 1)")
+
+
+if __name__ == "__main__":
+    main()
