@@ -31,7 +31,13 @@ HF_BOOKKEEPING = {
     "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "id2label", "label2id", "finetuning_task", "cross_attention_hidden_size",
     "tf_legacy_loss", "use_bfloat16", "generation_config",
+    # Newer transformers: "dtype" replaces "torch_dtype", "layer_types" lists the attention
+    # kind per layer (checked in `validate`: only full attention).
+    "dtype", "layer_types", "_commit_hash", "_attn_implementation",
 }
+
+# Accepted JSON types of each dataclass field, from its annotation ("int | None" -> int or null).
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
 
 
 @dataclass
@@ -77,7 +83,8 @@ class NextStepConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) \
+                and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     # ------------------------------------------------------------------ derived
@@ -89,6 +96,8 @@ class NextStepConfig:
     # ------------------------------------------------------------------ io
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "NextStepConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         model_type = d.get("model_type", "nextstep")
         if model_type not in MODEL_TYPES:
@@ -100,6 +109,10 @@ class NextStepConfig:
         unknown = sorted(k for k in d if k not in known)
         if unknown:
             raise ConfigError(f"{source}: fields not understood by nextstep: {unknown}")
+        types = {f.name: f.type for f in fields(cls)}
+        wrong = [f"{k}={v!r} (expected {types[k]})" for k, v in d.items() if not _type_ok(v, types[k])]
+        if wrong:
+            raise ConfigError(f"{source}: fields of the wrong type: " + "; ".join(wrong))
         config = cls(**d, extra=extra)
         config.validate(source)
         return config
@@ -136,7 +149,47 @@ class NextStepConfig:
             problems.append("pretraining_tp != 1")
         if self.extra.get("use_sliding_window", False):
             problems.append("use_sliding_window=true")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.extra.get("attention_dropout", 0.0) not in (0, 0.0, None):
+            problems.append(f"attention_dropout={self.extra['attention_dropout']!r} (no dropout is implemented)")
+        layer_types = self.extra.get("layer_types")
+        if layer_types is not None and (not isinstance(layer_types, list)
+                                        or any(t != "full_attention" for t in layer_types)):
+            problems.append(f"layer_types={layer_types!r} (only 'full_attention')")
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "max_position_embeddings", "latent_channels", "latent_patch_size",
+                    "base_image_grid_size", "fm_head_dim", "fm_head_batch_mul")
+        for name in positive:
+            if getattr(self, name) is None or not getattr(self, name) > 0:
+                problems.append(f"{name}={getattr(self, name)!r} (must be > 0)")
+        for name in ("num_hidden_layers", "fm_head_layers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r} (must be >= 0)")
+        if self.head_dim is not None and self.head_dim > 0 and self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} (RoPE needs an even head_dim)")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            problems.append("rms_norm_eps and rope_theta must be > 0")
+        if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
             problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.vocab_size > 0:
+            for name in ("boi", "eoi", "image_placeholder_id"):
+                if not 0 <= getattr(self, name) < self.vocab_size:
+                    problems.append(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
         if problems:
             raise ConfigError(f"{source}: unsupported values: " + "; ".join(problems))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as "int", "float" or "str | None"."""
+    for name in str(annotation).replace(" ", "").split("|"):
+        if name == "None" and value is None:
+            return True
+        allowed = _JSON_TYPES.get(name)
+        if allowed is None:
+            return True  # an annotation we do not check
+        if isinstance(value, allowed) and not (name in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False

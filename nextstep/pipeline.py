@@ -8,6 +8,7 @@ thing or raise a clear error (see docs/differences.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,7 @@ class NextStepPipeline:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the official layout: config, safetensors, tokenizer files, and the VAE in `vae/`."""
         folder = Path(folder)
-        self.model.config.vae_name_or_path = "vae"
-        save_model(self.model, folder)
+        save_model(self.model, folder, config_updates={"vae_name_or_path": "vae"})
         self.tokenizer.save_pretrained(folder)
         self.vae.save_pretrained(folder / "vae")
 
@@ -253,10 +253,10 @@ class NextStepPipeline:
         if n < 1:
             raise ValueError(f"num_images_per_caption must be >= 1, got {n}")
         f = self.down_factor
-        if len(hw) != 2 or any(int(s) != s or s < f or s % f for s in hw):
-            raise ValueError(f"hw={tuple(hw)}: height and width must be positive multiples of {f}")
-        if cfg < 1 or cfg_img < 1:
-            raise ValueError(f"guidance scales must be >= 1 (1 means no guidance), got cfg={cfg}, cfg_img={cfg_img}")
+        if len(hw) != 2 or any(not isinstance(s, int) or s < f or s % f for s in hw):
+            raise ValueError(f"hw={tuple(hw)}: height and width must be positive integer multiples of {f}")
+        if not (cfg >= 1 and cfg_img >= 1 and math.isfinite(cfg) and math.isfinite(cfg_img)):
+            raise ValueError(f"guidance scales must be finite and >= 1 (1 means no guidance), got cfg={cfg}, cfg_img={cfg_img}")
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         tags = [c.count(IMAGE_TAG) for c in captions]

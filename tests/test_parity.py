@@ -215,3 +215,22 @@ def test_generate_image_matches_reference_png(pipe, ref10, cases10, expected10, 
     for i, im in enumerate(images):
         want = np.asarray(Image.open(ref10 / "png" / f"{name}_{i}.png").convert("RGB")).astype(int)
         assert np.abs(np.asarray(im).astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_fused_flow_net_equals_module(pipe, groups):
+    """The sampler's fused evaluation computes exactly FlowNet.forward (up to float rounding)."""
+    from nextstep.model.flow_head import FusedFlowNet
+
+    net = pipe.model.image_head.net
+    g = torch.Generator().manual_seed(3)
+    B, S = 3, 5
+    x = torch.randn(B, 64, generator=g)
+    c = torch.randn(groups * B, 64, generator=g)
+    t = torch.rand(S, generator=g)
+    fused = FusedFlowNet(net)
+    with torch.no_grad():
+        mod = fused.modulation(net.time_embed(t), c)
+        for s in range(S):
+            want = net(x.repeat(groups, 1), t[s].expand(groups * B), c)
+            close(fused.velocity(x, mod[s], groups), want, 1e-5, f"step {s}")

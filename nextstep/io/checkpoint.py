@@ -9,6 +9,7 @@ shard, one at a time, so the weights are never held twice.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..model.pos_embed import sincos_2d
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -34,6 +36,8 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{folder / INDEX}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder / INDEX}: 'weight_map' must map tensor names to shard file names")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
@@ -109,8 +113,12 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> 
     return model.eval()
 
 
-def save_model(model: NextStep, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and the weights (sharded with an index above `max_shard_bytes`)."""
+def save_model(model: NextStep, folder: str | Path, max_shard_bytes: int = 5 * 2**30,
+               config_updates: dict | None = None) -> None:
+    """Write config.json and the weights (sharded with an index above `max_shard_bytes`).
+
+    `config_updates` are written into the saved config.json only (the model's config is unchanged).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -140,5 +148,15 @@ def save_model(model: NextStep, folder: str | Path, max_shard_bytes: int = 5 * 2
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
         (folder / WEIGHTS).unlink(missing_ok=True)
-    config = model.config.to_json()
+    # Shards of an earlier save into this folder that the new layout does not use.
+    kept = set(weight_map.values()) if len(shards) > 1 else set()
+    for old in folder.iterdir():
+        if SHARD_NAME.fullmatch(old.name) and old.name not in kept:
+            old.unlink(missing_ok=True)
+    config_dict = model.config.to_dict()
+    # Like transformers, record the dtype the weights were written in (the live config is not changed).
+    dtype_key = "dtype" if "dtype" in config_dict and "torch_dtype" not in config_dict else "torch_dtype"
+    config_dict[dtype_key] = str(model.dtype).removeprefix("torch.")
+    config_dict.update(config_updates or {})
+    config = json.dumps(config_dict, indent=2) + "\n"
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(config))

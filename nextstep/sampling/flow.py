@@ -14,12 +14,13 @@ so the loop itself draws nothing (same numbers on every device, graph-friendly).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..model.flow_head import FlowNet
+from ..model.flow_head import FlowNet, FusedFlowNet
 
 SAMPLERS = ("euler_maruyama", "euler")
 
@@ -35,9 +36,9 @@ def guide(v: Tensor, groups: int, cfg: float, cfg_img: float) -> Tensor:
         return v
     if groups == 2:
         c, u = v.chunk(2)
-        return u + cfg * (c - u)
+        return torch.lerp(u, c, cfg)  # u + cfg * (c - u)
     c, u1, u2 = v.chunk(3)
-    return u2 + cfg_img * (u1 - u2) + cfg * (c - u1)
+    return torch.lerp(u2, u1, cfg_img).add_(c - u1, alpha=cfg)  # u2 + cfg_img*(u1-u2) + cfg*(c-u1)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class FlowSampler:
         if self.kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.kind!r}; choose one of {SAMPLERS}")
         min_steps = 2 if self.kind == "euler_maruyama" else 1
-        if self.num_steps < min_steps:
+        if not isinstance(self.num_steps, int) or self.num_steps < min_steps:
             raise ValueError(f"num_sampling_steps must be >= {min_steps} for the {self.kind} sampler, "
                              f"got {self.num_steps}")
         if self.timesteps_shift <= 0:
@@ -72,35 +73,29 @@ class FlowSampler:
 
     def prepare(self, net: FlowNet, device: torch.device, dtype: torch.dtype) -> "PreparedSampler":
         """Everything that is the same for every token of a generation call, computed once."""
-        ts = self.timesteps()
-        t_emb = net.time_embed(ts.to(device)).to(dtype)
-        return PreparedSampler(self, net, ts, t_emb)
+        return PreparedSampler(self, FusedFlowNet(net), self.timesteps().to(device))
 
 
 class PreparedSampler:
-    def __init__(self, sampler: FlowSampler, net: FlowNet, ts: Tensor, t_emb: Tensor) -> None:
+    def __init__(self, sampler: FlowSampler, net: FusedFlowNet, ts: Tensor) -> None:
         self.kind = sampler.kind
         self.last_step_size = sampler.last_step_size
         self.net = net
-        self.t_emb = t_emb  # (S, dim): time embedding of each evaluation time
-        ts64 = ts.tolist()
-        self.ts = ts64
+        self.t_emb = net.net.time_embed(ts)  # (S, dim): the time embedding of every evaluation time
+        ts = ts.cpu()
         if self.kind == "euler_maruyama":
-            # Per-step scalars of the Euler-Maruyama update, in the reference's float32 arithmetic.
-            self.steps = []
+            # The Euler-Maruyama step, with score = (t v - x) / ((1-t)^2 + t(1-t)) and
+            # drift = v + (1-t) score, is linear in x and v:
+            #   x' = a x + b v + sqrt(2 (1-t)) sqrt(dt) w.
+            # a, b and the noise scale are per-step constants.
+            self.coefs = []
             for i in range(len(ts) - 1):
-                ti, tj = ts[i], ts[i + 1]
-                dt = tj - ti
-                denom = (1 - ti) ** 2 + ti * (1 - ti)
-                self.steps.append((ti.item(), denom.item(), (1 - ti).item(), dt.item(),
-                                   torch.sqrt(2 * (1 - ti)).item(), torch.sqrt(dt).item()))
+                t, dt = ts[i].item(), (ts[i + 1] - ts[i]).item()
+                k = dt * (1 - t) / ((1 - t) ** 2 + t * (1 - t))
+                self.coefs.append((1 - k, dt + k * t, math.sqrt(2 * (1 - t)) * math.sqrt(dt)))
         else:
-            self.dts = [(ts[i + 1] - ts[i]).item() for i in range(len(ts) - 1)]
+            self.coefs = [(1.0, (ts[i + 1] - ts[i]).item(), 0.0) for i in range(len(ts) - 1)]
 
-    def velocity(self, x: Tensor, step: int, cond: Tensor, groups: int, cfg: float, cfg_img: float) -> Tensor:
-        y = self.t_emb[step] + cond
-        v = self.net.velocity(x.repeat(groups, 1) if groups > 1 else x, y)
-        return guide(v, groups, cfg, cfg_img)
 
     def sample(self, c: Tensor, noise: Tensor, groups: int = 1, cfg: float = 1.0, cfg_img: float = 1.0) -> Tensor:
         """One token per conditional row.
@@ -109,16 +104,17 @@ class PreparedSampler:
         noise: (noise_draws, B, token_dim), the initial noise first.
         Returns (B, token_dim) in c's dtype.
         """
-        cond = self.net.cond_embed(c)
-        x = noise[0].to(c.dtype)
-        if self.kind == "euler":
-            for i, dt in enumerate(self.dts):
-                x = x + self.velocity(x, i, cond, groups, cfg, cfg_img) * dt
-            return x
-        for i, (ti, denom, one_minus_t, dt, sigma, sqrt_dt) in enumerate(self.steps):
-            v = self.velocity(x, i, cond, groups, cfg, cfg_img)
-            score = (ti * v - x) / denom
-            drift = v + one_minus_t * score
-            x = x + drift * dt + sigma * (noise[i + 1].to(c.dtype) * sqrt_dt)
-        v = self.velocity(x, len(self.steps), cond, groups, cfg, cfg_img)
-        return x + v * self.last_step_size
+        mod = self.net.modulation(self.t_emb, c)  # every step's adaLN parameters, in one matmul
+
+        def velocity(x: Tensor, step: int) -> Tensor:
+            return guide(self.net.velocity(x, mod[step], groups), groups, cfg, cfg_img)
+
+        x = noise[0]
+        for i, (a, b, sigma) in enumerate(self.coefs):
+            v = velocity(x, i)
+            x = torch.add(x * a, v, alpha=b) if a != 1.0 else x.add(v, alpha=b)
+            if sigma:
+                x = x.add_(noise[i + 1], alpha=sigma)
+        if self.kind == "euler_maruyama":  # the reference ends with one deterministic step
+            x = x.add(velocity(x, len(self.coefs)), alpha=self.last_step_size)
+        return x.to(c.dtype)
