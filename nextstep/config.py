@@ -1,10 +1,18 @@
 """NextStepConfig: the fields of the official `config.json`, and nothing we do not understand.
 
-The official config is a transformers `LlamaConfig` plus NextStep's own fields.
-We read it without transformers: every field that changes the model is a
-dataclass field below; a list of Hugging Face bookkeeping fields is accepted and
-written back untouched; anything else is refused with its name, because a
-silently ignored field is a silently different model.
+The official config is a transformers `LlamaConfig` (NextStep-1) or
+`Qwen2Config` (NextStep-1.1) plus NextStep's own fields. We read it without
+transformers: every field that changes the model is a dataclass field below; a
+list of Hugging Face bookkeeping fields is accepted and written back untouched;
+anything else is refused with its name, because a silently ignored field is a
+silently different model.
+
+Three layouts are understood, and `family` records which checkpoint family
+(and so which inference behaviour) a config belongs to:
+- NextStep-1: `model_type "nextstep"` with `latent_*` / `fm_head_*` fields;
+- NextStep-1.1 (code release): `model_type "stepx_llama"`, same field names;
+- NextStep-1.1 (Hub config.json): `model_type "nextstep"` with `image_size`,
+  `patch_size`, `num_channels`, `genloss_*` instead, mapped by `HUB_11_FIELDS`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-MODEL_TYPES = ("nextstep",)
+MODEL_TYPES = ("nextstep", "stepx_llama")
+FAMILIES = ("nextstep-1", "nextstep-1.1")
+# The published NextStep-1.1 config.json names some fields differently.
+HUB_11_FIELDS = {"image_size": "latent_size", "patch_size": "latent_patch_size", "num_channels": "latent_channels",
+                 "genloss_width": "fm_head_dim", "genloss_depth": "fm_head_layers",
+                 "genloss_batch_mul": "fm_head_batch_mul"}
 
 # Fields transformers writes into every config.json that do not change the
 # computation (or whose only supported value we check in `validate`). Kept in
@@ -79,6 +92,7 @@ class NextStepConfig:
     pad_token_id_added: int = 151665
     vae_name_or_path: str | None = None
     model_type: str = "nextstep"
+    family: str = "nextstep-1"  # not a config.json key: derived from the layout (see module doc)
     # Bookkeeping fields from config.json, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -104,6 +118,22 @@ class NextStepConfig:
             raise ConfigError(
                 f"{source}: unknown model_type {model_type!r}; this loader understands {list(MODEL_TYPES)}"
             )
+        if "family" in d:
+            raise ConfigError(f"{source}: 'family' is derived from the layout, not a config field")
+        d["family"] = "nextstep-1.1" if model_type == "stepx_llama" else "nextstep-1"
+        hub_fields = [k for k in HUB_11_FIELDS if k in d]
+        if hub_fields:
+            for hub_name in hub_fields:
+                ours = HUB_11_FIELDS[hub_name]
+                if ours in d and d[ours] != d[hub_name]:
+                    raise ConfigError(f"{source}: {hub_name}={d[hub_name]!r} contradicts {ours}={d[ours]!r}")
+                d[ours] = d.pop(hub_name)
+            d["family"], d["model_type"] = "nextstep-1.1", "stepx_llama"
+        if d["family"] == "nextstep-1.1":
+            # Qwen2 always has q/k/v biases and never an o_proj bias, whatever attention_bias says.
+            d["attention_bias"], d["o_attention_bias"] = True, False
+            if d.get("use_gen_pos_embed"):
+                raise ConfigError(f"{source}: NextStep-1.1 has no gen_pos_embed (use_gen_pos_embed=true)")
         known = {f.name for f in fields(cls)} - {"extra"}
         extra = {k: d.pop(k) for k in list(d) if k not in known and k in HF_BOOKKEEPING}
         unknown = sorted(k for k in d if k not in known)
@@ -133,6 +163,7 @@ class NextStepConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
+        d.pop("family")  # written as model_type
         return {**self.extra, **dict(sorted(d.items()))}
 
     def to_json(self) -> str:
@@ -141,6 +172,10 @@ class NextStepConfig:
     def validate(self, source: str = "config") -> None:
         """Reject values the implementation would silently get wrong."""
         problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r} (one of {FAMILIES})")
+        if (self.family == "nextstep-1.1") != (self.model_type == "stepx_llama"):
+            problems.append(f"model_type={self.model_type!r} does not fit family {self.family!r}")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act={self.hidden_act!r} (only 'silu')")
         if self.rope_scaling not in (None, {}):

@@ -59,12 +59,37 @@ class GenerationRequest:
     use_norm: bool
 
 
-def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int) -> list[tuple[float, float]]:
-    """(cfg, cfg_img) for each token. "linear" starts at the full scale and falls towards 1."""
+def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int, family: str
+                      ) -> list[tuple[float, float]]:
+    """(cfg, cfg_img) for each token.
+
+    "linear" differs by family: NextStep-1 starts at the full scale and falls
+    towards 1; NextStep-1.1 rises from max(scale/2, 1) towards the full scale.
+    """
     if schedule == "constant":
         return [(cfg, cfg_img)] * n_tokens
-    return [(1 + (cfg - 1) * (n_tokens - k) / n_tokens, 1 + (cfg_img - 1) * (n_tokens - k) / n_tokens)
-            for k in range(n_tokens)]
+    if family == "nextstep-1":
+        def scale(g: float, k: int) -> float:
+            return 1 + (g - 1) * (n_tokens - k) / n_tokens
+    else:
+        def scale(g: float, k: int) -> float:
+            return max(g / 2, 1 + (g - 1) * k / n_tokens)
+    return [(scale(cfg, k), scale(cfg_img, k)) for k in range(n_tokens)]
+
+
+@dataclass(frozen=True)
+class FamilyBehaviour:
+    """How the official pipeline of each checkpoint family samples (fixture READMEs)."""
+
+    default_sampler: str
+    shared_noise: bool  # 1.0: the k-th image of every caption gets the same noise
+    reseed_after_encoding: bool  # 1.1: token noise starts from a fresh seed after encoding images
+
+
+FAMILIES = {
+    "nextstep-1": FamilyBehaviour("euler_maruyama", shared_noise=True, reseed_after_encoding=False),
+    "nextstep-1.1": FamilyBehaviour("sde", shared_noise=False, reseed_after_encoding=True),
+}
 
 
 class NextStepPipeline:
@@ -107,7 +132,7 @@ class NextStepPipeline:
                 raise CheckpointError(
                     f"no VAE folder at {vae_dir} (from vae_name_or_path={name!r}); pass vae_dir=")
         # The VAE stays in fp32: it is small and decoding is where precision shows.
-        vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32, family=model.config.family)
         return cls(model, vae, tokenizer)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -134,17 +159,20 @@ class NextStepPipeline:
         num_sampling_steps: int = 20,
         seed: int = 42,
         progress: bool = True,
-        sampler: str = "euler_maruyama",
+        sde_type: str | None = None,
+        noise_level: float = 0.8,
     ) -> list[Image.Image]:
         """Generate `num_images_per_caption` images per caption (caption-major order).
 
         With `images`, every caption must hold exactly one `<image>`, which is
         replaced by that source image (editing). `cfg` guides by the text,
-        `cfg_img` (editing only) by the source image.
+        `cfg_img` (editing only) by the source image. `sde_type` picks the sampler
+        ("euler_maruyama", "sde", "cps" or "ode"); the default is the checkpoint
+        family's own (NextStep-1: "euler_maruyama", NextStep-1.1: "sde").
         """
         request = self.prepare(captions, images, num_images_per_caption, positive_prompt, negative_prompt, hw,
                                use_norm, cfg, cfg_img, cfg_schedule, timesteps_shift, num_sampling_steps, seed,
-                               sampler)
+                               sde_type, noise_level)
         return self.decode_tokens(self.sample_tokens(request, progress=progress), request.grid)
 
     def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int,
@@ -171,13 +199,14 @@ class NextStepPipeline:
                 negative_prompt: str | None = None, hw: tuple[int, int] = (256, 256), use_norm: bool = False,
                 cfg: float = 1.0, cfg_img: float = 1.0, cfg_schedule: str = "constant",
                 timesteps_shift: float = 1.0, num_sampling_steps: int = 20, seed: int = 42,
-                sampler: str = "euler_maruyama") -> GenerationRequest:
+                sde_type: str | None = None, noise_level: float = 0.8) -> GenerationRequest:
         """Validate the arguments and build everything the token loop needs (prompt ids, source
         latents, noise), drawing all randomness from one CPU generator seeded with `seed`."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         if images is not None:
             images = [images] if isinstance(images, Image.Image) else list(images)
-        flow = FlowSampler(sampler, num_sampling_steps, timesteps_shift)
+        family = FAMILIES[self.model.config.family]
+        flow = FlowSampler(sde_type or family.default_sampler, num_sampling_steps, timesteps_shift, noise_level)
         self._check(captions, images, num_images_per_caption, hw, cfg, cfg_img, cfg_schedule)
         n = num_images_per_caption
         config = self.model.config
@@ -191,17 +220,23 @@ class NextStepPipeline:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
                              f"max_position_embeddings={config.max_position_embeddings}")
 
-        # The reference's order of draws: the source images' posterior samples, then each token's noise.
+        # The reference's order of draws: the source images' posterior samples, then each token's
+        # noise (1.1 seeds again in between; its own code leaves the encoding unseeded).
         generator = torch.Generator().manual_seed(seed)
         latents = self._encode(row_images, generator) if row_images else None
-        noise = torch.randn((n_tokens, flow.noise_draws, n, config.token_dim), generator=generator)
-        # The k-th image of every caption shares its noise, as in the reference.
-        noise = noise.repeat(1, 1, len(captions), 1)
+        if family.reseed_after_encoding:
+            generator.manual_seed(seed)
+        n_cond = len(captions) * n
+        if family.shared_noise:
+            noise = torch.randn((n_tokens, flow.noise_draws, n, config.token_dim), generator=generator)
+            noise = noise.repeat(1, 1, len(captions), 1)
+        else:
+            noise = torch.randn((n_tokens, flow.noise_draws, n_cond, config.token_dim), generator=generator)
         pos_embed = None
         if config.use_gen_pos_embed:
             pos_embed = sincos_2d(config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
         return GenerationRequest(input_ids.to(self.device), attention_mask.to(self.device), latents, noise,
-                                 guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens), groups, flow,
+                                 guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens, config.family), groups, flow,
                                  (h_tok, w_tok), pos_embed, use_norm)
 
     def sample_tokens(self, request: GenerationRequest, progress: bool = False,

@@ -37,3 +37,27 @@ def expected10(ref10: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(ref10 / "expected.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def ref11() -> Path:
+    return _require(REF11)
+
+
+@pytest.fixture(scope="session")
+def cases11(ref11: Path) -> dict:
+    return {c["name"]: c for c in json.loads((ref11 / "cases.json").read_text())["cases"]}
+
+
+@pytest.fixture(scope="session")
+def expected11(ref11: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ref11 / "expected.safetensors"))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "tensor") -> None:
+    """Max-abs-diff check with a message that says how far off we are."""
+    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+    assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"

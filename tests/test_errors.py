@@ -228,11 +228,11 @@ def gen(pipe: NextStepPipeline, captions="A red fox", **kw):
     (dict(hw=(32,)), "hw=(32,)"),
     (dict(cfg=0.5), "cfg=0.5"),
     (dict(cfg_img=2.0), "cfg_img guides by a source image"),
-    (dict(num_sampling_steps=0), "num_sampling_steps must be >= 2 for the euler_maruyama sampler, got 0"),
-    (dict(num_sampling_steps=1), "num_sampling_steps must be >= 2 for the euler_maruyama sampler, got 1"),
-    (dict(num_sampling_steps=0, sampler="euler"), "num_sampling_steps must be >= 1 for the euler sampler, got 0"),
+    (dict(num_sampling_steps=0), "num_sampling_steps must be an integer >= 2 for the euler_maruyama sampler, got 0"),
+    (dict(num_sampling_steps=1), "num_sampling_steps must be an integer >= 2 for the euler_maruyama sampler, got 1"),
+    (dict(num_sampling_steps=0, sde_type="ode"), "num_sampling_steps must be an integer >= 1 for the ode sampler, got 0"),
     (dict(cfg_schedule="cosine"), "cfg_schedule must be one of"),
-    (dict(sampler="heun"), "unknown sampler 'heun'"),
+    (dict(sde_type="heun"), "unknown sampler 'heun'"),
     (dict(num_images_per_caption=0), "num_images_per_caption must be >= 1"),
     (dict(timesteps_shift=0.0), "timesteps_shift must be > 0"),
     (dict(captions=[]), "captions is empty"),
@@ -271,8 +271,8 @@ def test_pipeline_source_image_type(pipe: NextStepPipeline) -> None:
         gen(pipe, "<image> a fox", images=[np.zeros((32, 32, 3), np.uint8)])
 
 
-def test_euler_sampler_with_one_step(pipe: NextStepPipeline) -> None:
-    (image,) = gen(pipe, num_sampling_steps=1, sampler="euler")
+def test_ode_sampler_with_one_step(pipe: NextStepPipeline) -> None:
+    (image,) = gen(pipe, num_sampling_steps=1, sde_type="ode")
     assert image.size == (32, 32) and image.mode == "RGB"
     assert np.asarray(image).std() > 0  # an image, not a constant
 

@@ -16,13 +16,12 @@ from nextstep import NextStepPipeline
 from nextstep.sampling import FlowSampler
 from nextstep.text import TextTokenizer
 
+from .conftest import assert_close
+
 COMPONENT_ATOL = 1e-5
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    diff = (actual.float() - expected.float()).abs().max().item()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"
+close = assert_close
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,22 @@ PICKLE_NAME = "checkpoint.pt"
 # --------------------------------------------------------------------------- config
 
 
+FAMILIES = ("nextstep-1", "nextstep-1.1")
+# What the NextStep-1.1 loader assumes for keys its config.json omits (1.0's are the field defaults).
+FAMILY_DEFAULTS = {"nextstep-1.1": dict(scaling_factor=1.0, shift_factor=0.0, deterministic=True,
+                                        encoder_norm=True, psz=1)}
+
+
 @dataclass
 class VAEConfig:
-    """The reference's `AutoEncoderParams`, with the same defaults."""
+    """The reference's `AutoEncoderParams`, with the same defaults.
+
+    `family` says which official code the folder was made for: NextStep-1.1
+    wraps the same weights in diffusers' AutoencoderKL, whose encoder widens
+    to `ch * ch_mult[0]` at `conv_in` (Flux's stays at `ch`; they agree when
+    ch_mult[0] == 1, as in the released tokenizer), applies `encoder_norm`
+    only with `psz` set, and has other defaults for missing keys.
+    """
 
     resolution: int = 256  # only informational: no layer depends on it
     in_channels: int = 3
@@ -53,13 +66,19 @@ class VAEConfig:
     deterministic: bool = False
     encoder_norm: bool = False
     psz: int | None = None
+    family: str = "nextstep-1"
 
     def __post_init__(self) -> None:
         # JSON gives lists; a tuple keeps the config hashable and immutable-looking.
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown VAE family {self.family!r}; expected one of {FAMILIES}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+    def from_dict(cls, d: dict[str, Any], family: str | None = None) -> "VAEConfig":
+        """`family` (or a "family" key) picks the defaults for missing keys; see the class doc."""
+        family = family or d.get("family", "nextstep-1")
+        d = {**FAMILY_DEFAULTS.get(family, {}), **d, "family": family}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -71,7 +90,7 @@ class VAEConfig:
             raise ConfigError(f"invalid VAE config: {e}") from e
 
     @classmethod
-    def from_pretrained(cls, folder_or_json: str | os.PathLike) -> "VAEConfig":
+    def from_pretrained(cls, folder_or_json: str | os.PathLike, family: str | None = None) -> "VAEConfig":
         path = Path(folder_or_json)
         if path.is_dir():
             path = path / CONFIG_NAME
@@ -81,11 +100,13 @@ class VAEConfig:
             raise ConfigError(f"cannot read VAE config {path}: {e}") from e
         if not isinstance(d, dict):
             raise ConfigError(f"VAE config {path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(d, family)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ch_mult"] = list(self.ch_mult)
+        if self.family == "nextstep-1":
+            del d["family"]  # the official layout; official loaders ignore the key for 1.1
         return d
 
 
@@ -233,9 +254,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         n_levels = len(cfg.ch_mult)
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        block_in = cfg.ch if cfg.family == "nextstep-1" else cfg.ch * cfg.ch_mult[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, block_in, 3, padding=1)
         self.down = nn.ModuleList()
-        block_in = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
             block_out = cfg.ch * mult
             blocks = []
@@ -364,7 +385,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Pixels in [-1, 1], (B, 3, H, W) -> posterior over (B, z, H/f, W/f)."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
-        if self.config.encoder_norm:
+        if self.config.encoder_norm and (self.config.psz is not None or self.config.family == "nextstep-1"):
             # Only the mean is normalised; logvar is left as the encoder produced it.
             mean = _normalize_mean(mean, self.config.psz)
         return DiagonalGaussian(mean, logvar, deterministic=self.config.deterministic)
@@ -389,7 +410,10 @@ class AutoencoderKL(nn.Module):
         folder: str | os.PathLike,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        family: str | None = None,
     ) -> "AutoencoderKL":
+        """Load `config.json` + weights. `family` ("nextstep-1" or "nextstep-1.1") says which
+        official code the folder was made for, when its config does not say (see VAEConfig)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"VAE folder {folder} does not exist")
@@ -397,7 +421,7 @@ class AutoencoderKL(nn.Module):
         if not config_path.is_file():
             raise CheckpointError(f"VAE config {config_path} not found")
         try:
-            config = VAEConfig.from_pretrained(config_path)
+            config = VAEConfig.from_pretrained(config_path, family)
         except ConfigError as e:
             raise CheckpointError(f"bad VAE config {config_path}: {e}") from e
 

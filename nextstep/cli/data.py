@@ -1,0 +1,125 @@
+"""`nextstep data ...`: make training data. `nextstep data shapes` writes the shapes world to disk."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+from ..io.atomic import atomic_write
+
+FORMATS = ("folder", "webdataset")
+
+
+def _probability(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="make training data (the shapes world)",
+                       description="Make training data.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    s = data_sub.add_parser(
+        "shapes", help="render the synthetic shapes world",
+        description="Render N seeded samples of the shapes world (see shapes-world.md): captioned images, "
+                    "or with --edits (source, instruction, target) triplets. Sample k depends only on "
+                    "(--seed, k, the mixture options). folder: DIR/*.png plus DIR/manifest.jsonl, one "
+                    "line per sample with file, caption, labels (edits: source, instruction, target, "
+                    "labels). webdataset: DIR/shapes-NNNNNN.tar shards with KEY.png, KEY.txt, KEY.json "
+                    "(edits: KEY.source.png, KEY.target.png, KEY.instruction.txt, KEY.json).")
+    s.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    s.add_argument("--num", type=int, required=True, help="number of samples")
+    s.add_argument("--size", type=int, default=64, help="canvas side in pixels, a multiple of 16 (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    s.add_argument("--edits", action="store_true", help="write editing triplets instead of captioned images")
+    s.add_argument("--format", choices=FORMATS, default="folder", help="folder (PNGs + manifest.jsonl) or "
+                   "webdataset (tar shards); default folder")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
+    s.add_argument("--colour-prob", type=_probability, default=0.5,
+                   help="chance that an object phrase names its colour (default 0.5)")
+    s.add_argument("--benchmark-colours", action="store_true",
+                   help="name colours exactly as the benchmark categories do (overrides --colour-prob)")
+    s.add_argument("--dark-prob", type=_probability, default=0.2, help="chance of a dark background (default 0.2)")
+    s.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                   help="caption categories to draw from (default: all six)")
+    s.add_argument("--overwrite", action="store_true", help="replace data already in --out")
+    s.set_defaults(run=run_shapes)
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    from ..data.shapes import CATEGORIES, ShapesConfig, make_sample, render_image
+    from ..data.webdataset import ShardWriter
+    from tqdm import tqdm
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    config = ShapesConfig(size=args.size, seed=args.seed, edits=args.edits,
+                          categories=tuple(args.categories or CATEGORIES),
+                          colour_prob=None if args.benchmark_colours else args.colour_prob,
+                          dark_prob=args.dark_prob)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    existing = [p.name for p in out.glob("*")] if out.is_dir() else []
+    if existing and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty ({len(existing)} entries); pass --overwrite to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    width = max(6, len(str(args.num - 1)))
+    writer = ShardWriter(out, "shapes", args.shard_size) if args.format == "webdataset" else None
+    lines: list[str] = []
+    bar = tqdm(total=args.num, unit="sample", disable=not sys.stderr.isatty())  # quiet in scripts
+    for k in range(args.num):
+        sample = make_sample(config, k)
+        key = f"{k:0{width}d}"
+        target_png = _png(render_image(sample.scene))
+        if sample.is_edit:
+            files = {"source.png": _png(render_image(sample.source)), "target.png": target_png}
+            text = {"instruction": sample.instruction}
+            labels = {"source": sample.source.labels(), "target": sample.scene.labels()}
+        else:
+            files = {"png": target_png}
+            text = {"caption": sample.caption}
+            labels = sample.scene.labels()
+        if writer is not None:
+            meta = {**text, "labels": labels, **({"category": sample.category} if sample.category else {})}
+            txt_ext = "instruction.txt" if sample.is_edit else "txt"
+            writer.write(key, {**files, txt_ext: next(iter(text.values())), "json": json.dumps(meta)})
+        else:
+            names = {}
+            for ext, data in files.items():
+                name = f"{key}.{ext}"
+                atomic_write(out / name, lambda tmp, d=data: Path(tmp).write_bytes(d))
+                names[ext] = name
+            if sample.is_edit:
+                line = {"source": names["source.png"], "instruction": sample.instruction,
+                        "target": names["target.png"], "labels": labels}
+            else:
+                line = {"file": names["png"], "caption": sample.caption, "labels": labels,
+                        "category": sample.category}
+            lines.append(json.dumps(line))
+        bar.update(1)
+    bar.close()
+    if writer is not None:
+        writer.close()
+        print(writer.pattern())
+    else:
+        atomic_write(out / "manifest.jsonl", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        print(out / "manifest.jsonl")
+    return 0
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,214 @@
+"""Samples -> the model's training inputs, in NextStep-1's sequence format.
+
+Text-to-image row (an image of h x w tokens, h = height / 16):
+
+    caption + <|image_area|>h*w <|begin_of_image|> + h*w placeholders + <|end_of_image|> + <|endoftext|>
+
+With probability `caption_dropout` (default 0.1) the caption is dropped for
+classifier-free guidance the official way: the image block moves to the front
+and the caption follows it (image, then caption, then end-of-text), so the image
+is learnt with no text before it (what an empty prompt conditions on at
+inference) while the caption text still trains the language head.
+
+Editing row, the instruction holding the source image where `<image>` stands
+(at its start if it has no tag), then the target:
+
+    [text before <image>] + source block + [text after] + target block + <|endoftext|>
+
+Editing dropout: with `caption_dropout` the instruction text is dropped (source
+block, target block: the pipeline's image-only guidance row); with
+`source_dropout` (default 0, as the official recipe) both are dropped (target
+block alone: the unconditional row). Only the target enters the image loss
+(`latents_mask` 0 for sources), as officially.
+
+Labels are the input ids, with -100 (no cross-entropy) at padding, at
+begin-of-image and the placeholders, and at the end-of-text right after an
+image; the caption, the image-area tokens and end-of-image are CE targets, as
+in the official recipe. (The model itself never scores a position whose next
+token is a placeholder: that position trains the flow head instead.) Rows are
+right-padded.
+
+Caption dropout is decided by hashing (seed, sample key, epoch), so it does not
+depend on which worker collates the sample and differs between epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..text import IMAGE_TAG, TextTokenizer, image_area
+from .buckets import TOKEN_PIXELS
+from .stream import META
+
+IGNORE = -100
+logger = logging.getLogger("nextstep.data")
+
+
+def _uniform(*parts: Any) -> float:
+    """A deterministic number in [0, 1) from `parts`."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def eos_id(tokenizer: TextTokenizer) -> int | None:
+    """The tokenizer's end-of-text id: its config's eos_token, else Qwen's <|endoftext|>, else None."""
+    name = "<|endoftext|>"
+    if tokenizer.folder is not None and (tokenizer.folder / "tokenizer_config.json").is_file():
+        try:
+            eos = json.loads((tokenizer.folder / "tokenizer_config.json").read_text()).get("eos_token")
+            name = eos.get("content", name) if isinstance(eos, dict) else eos or name
+        except (OSError, ValueError):
+            pass
+    return tokenizer.tokenizer.token_to_id(name)
+
+
+class Collator:
+    """`collate_fn` for a DataLoader: a list of samples -> one batch dict (see `__call__`)."""
+
+    def __init__(self, tokenizer: TextTokenizer, caption_dropout: float = 0.1, source_dropout: float = 0.0,
+                 seed: int = 0, max_length: int | None = None, add_eos: bool = True) -> None:
+        for name, p in (("caption_dropout", caption_dropout), ("source_dropout", source_dropout)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {p!r}")
+        self.tokenizer = tokenizer
+        self.caption_dropout, self.source_dropout = caption_dropout, source_dropout
+        self.seed = seed
+        self.max_length = max_length
+        self.eos = eos_id(tokenizer) if add_eos else None
+        self._block = lru_cache(maxsize=64)(self._block_ids)
+
+    # ------------------------------------------------------------------ one row
+    def _block_ids(self, h: int, w: int) -> tuple[int, ...]:
+        t = self.tokenizer
+        return tuple(t.encode(image_area(h, w)) + [t.boi_id] + [t.placeholder_id] * (h * w) + [t.eoi_id])
+
+    def _image_block(self, pixels: Tensor) -> tuple[int, ...]:
+        if pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"image must be (3, H, W), got {tuple(pixels.shape)}")
+        H, W = pixels.shape[1:]
+        if H % TOKEN_PIXELS or W % TOKEN_PIXELS:
+            raise ValueError(f"image of {W}x{H} px: sides must be multiples of {TOKEN_PIXELS}")
+        return self._block(H // TOKEN_PIXELS, W // TOKEN_PIXELS)
+
+    def _labels(self, ids: list[int]) -> list[int]:
+        t = self.tokenizer
+        labels = [IGNORE if i in (t.boi_id, t.placeholder_id) else i for i in ids]
+        if self.eos is not None and len(ids) > 1 and ids[-1] == self.eos and ids[-2] == t.eoi_id:
+            labels[-1] = IGNORE  # nothing to learn from end-of-text after an image
+        return labels
+
+    def encode(self, sample: dict[str, Any]) -> tuple[list[int], list[Tensor], list[float], bool]:
+        """(input ids, images in sequence order, image-loss mask per image, whether text was dropped)."""
+        key, epoch = sample.get("key", ""), sample.get(META, {}).get("epoch", 0)
+        u = _uniform(self.seed, key, epoch)
+        eos = [self.eos] if self.eos is not None else []
+        enc = self.tokenizer.encode
+        if "caption" in sample:
+            block = list(self._image_block(sample["pixels"]))
+            text = enc(sample["caption"])
+            dropped = u < self.caption_dropout
+            if self.max_length is not None:  # cut the caption, never the image
+                text = text[: max(0, self.max_length - len(block) - len(eos))]
+            ids = block + text + eos if dropped else text + block + eos
+            return ids, [sample["pixels"]], [1.0], dropped
+        if "instruction" in sample:
+            src, tgt = sample["source"], sample["target"]
+            tgt_block = list(self._image_block(tgt))
+            if u < self.source_dropout:
+                return tgt_block + eos, [tgt], [1.0], True
+            instruction = sample["instruction"]
+            if instruction.count(IMAGE_TAG) > 1:
+                raise ValueError(f"instruction holds {instruction.count(IMAGE_TAG)} {IMAGE_TAG} tags; one is allowed")
+            if IMAGE_TAG not in instruction:
+                instruction = IMAGE_TAG + instruction
+            dropped = u < self.source_dropout + self.caption_dropout
+            before, _, after = instruction.partition(IMAGE_TAG)
+            if dropped:
+                before = after = ""
+            ids = enc(before) + list(self._image_block(src)) + enc(after) + tgt_block + eos
+            return ids, [src, tgt], [0.0, 1.0], dropped
+        raise ValueError(f"sample {key!r} has neither a caption nor an instruction (keys: {sorted(sample)})")
+
+    # ------------------------------------------------------------------ the batch
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Samples -> {
+            input_ids (B, T) long, right-padded with [PAD];  attention_mask (B, T) long;
+            labels (B, T) long, -100 where no CE;  image_mask (B, T) bool, the placeholder positions;
+            pixel_values: list of (1, 3, h, w) in [-1, 1], every image of the batch in sequence
+              order (row by row): encode them with `encode_images` to get the model's `latents`;
+            latents_mask (N_images,) float, 1 where the image enters the image loss;
+            caption_dropped (B,) bool;  keys: list[str];  meta: the samples' position bookkeeping,
+              for `dataset.mark_consumed(batch)`;  skipped: keys of samples that could not be encoded
+        }
+        A sample that cannot be encoded (e.g. longer than max_length) is left out with a
+        warning, but its bookkeeping stays in `meta`; a batch may then have fewer rows."""
+        rows, images, mask, dropped, keys, skipped = [], [], [], [], [], []
+        for s in samples:
+            try:
+                ids, ims, m, d = self.encode(s)
+                if self.max_length is not None and len(ids) > self.max_length:
+                    raise ValueError(f"{len(ids)} tokens exceed max_length={self.max_length}")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                logger.warning("sample %s left out of the batch: %s", s.get("key", "?"), e)
+                skipped.append(str(s.get("key", "?")))
+                continue
+            rows.append(ids)
+            images += [im.unsqueeze(0) for im in ims]
+            mask += m
+            dropped.append(d)
+            keys.append(str(s.get("key", "")))
+        T = max((len(r) for r in rows), default=0)
+        pad = self.tokenizer.pad_id
+        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(self._labels(r))
+            attention[i, : len(r)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "image_mask": input_ids == self.tokenizer.placeholder_id,
+            "pixel_values": images,
+            "latents_mask": torch.tensor(mask, dtype=torch.float32),
+            "caption_dropped": torch.tensor(dropped, dtype=torch.bool),
+            "keys": keys,
+            "meta": [s[META] for s in samples if META in s],
+            "skipped": skipped,
+        }
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixel_values: Sequence[Tensor], generator: torch.Generator | None = None,
+                  sample: bool = True) -> Tensor | list[Tensor]:
+    """VAE latents (scaled, as the model consumes them) of a batch's `pixel_values`, in the same order.
+
+    Images of one shape are encoded together. Returns one (N, C, h, w) tensor when
+    all shapes agree, else a list of (1, C, h_i, w_i) - both forms `NextStep.forward`
+    accepts as `latents`.
+    """
+    if not pixel_values:
+        raise ValueError("encode_images: the batch has no images")
+    param = next(vae.parameters())
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pixel_values):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    out: list[Tensor | None] = [None] * len(pixel_values)
+    for idx in by_shape.values():
+        x = torch.cat([pixel_values[i] for i in idx]).to(param.device, param.dtype)
+        z = vae.to_latents(x, generator=generator, sample=sample)
+        for j, i in enumerate(idx):
+            out[i] = z[j: j + 1]
+    if len(by_shape) == 1:
+        return torch.cat(out)
+    return out
