@@ -8,6 +8,10 @@ the time goes (decoder / flow head / VAE decode / elsewhere), and the per-token
 cost at 256 vs 64 image tokens.
 
     python benchmarks/generate.py [--threads 2] [--runs 5] [--sampler ode] [--dtype bfloat16]
+
+OMP_WAIT_POLICY defaults to PASSIVE here (as for the reference's 2-thread numbers): on this shared
+2-core machine, OpenMP's spinning waits turn a busy neighbour into 10-100x slower, erratic runs.
+Run `OMP_WAIT_POLICY=ACTIVE python benchmarks/generate.py` to measure with spinning threads.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch (OpenMP) is loaded
 
-import nextstep.sampling.autoregressive as ar
-from nextstep import AutoencoderKL, NextStep, NextStepConfig, NextStepPipeline
-from nextstep.sampling import SAMPLERS
-from nextstep.sampling.flow import PreparedSampler
-from nextstep.text import TextTokenizer
+import torch  # noqa: E402
+
+import nextstep.sampling.autoregressive as ar  # noqa: E402
+from nextstep import AutoencoderKL, NextStep, NextStepConfig, NextStepPipeline  # noqa: E402
+from nextstep.sampling import SAMPLERS  # noqa: E402
+from nextstep.sampling.flow import PreparedSampler  # noqa: E402
+from nextstep.text import TextTokenizer  # noqa: E402
 
 FIXTURE = Path("/work/shared/fixtures/reference-tiny")
 BENCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
@@ -133,7 +139,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
           f"sampler {args.sampler}, bench model {n_params / 1e6:.2f}M params")
     load = os.getloadavg()[0]
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {os.cpu_count()} CPUs, "
+    print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, {os.cpu_count()} CPUs, "
           f"1-min load average {load:.2f}" + ("  <- busy machine: expect noisy numbers" if load > 1.0 else ""))
     print(f"generate_image(hw=128x128 -> 64 tokens, cfg=3.0, 20 steps, use_norm=True), "
           f"1 warm-up + median of {args.runs}\n")
