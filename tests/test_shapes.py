@@ -211,8 +211,12 @@ def test_checker_fails_off_palette_and_unknown_shapes():
     image = render(_scene(("square", "red", (10, 10, 24, 24))))
     image[10:24, 10:24] = (128, 128, 0)  # olive: not a palette colour
     assert "palette" in check(Image.fromarray(image), "a square").reason
-    image = render(_scene(("square", "red", (10, 10, 40, 20))))  # an oblong box: no shape of this world
-    assert not check(Image.fromarray(image), "a red square").passed
+    image = render(_scene())
+    image[10:20, 10:40] = COLOURS["red"]  # an oblong: no shape of this world
+    result = check(Image.fromarray(image), "a red square")
+    assert not result.passed and "blob" in result.reason
+    with pytest.raises(ValueError, match="square"):
+        render(_scene(("square", "red", (10, 10, 40, 20))))
 
 
 def test_checker_rejects_bad_images():

@@ -232,3 +232,43 @@ def test_malicious_pickle_is_not_executed(vae_copy: Path, tmp_path: Path, writer
     with pytest.raises(CheckpointError, match="checkpoint.pt"):
         AutoencoderKL.from_pretrained(vae_copy)
     assert not marker.exists()
+
+
+def _to_diffusers_layout(sd: dict, n_levels: int) -> dict:
+    """The renaming NextStep-1.1's VAE wrapper applies (fixture README), written out independently."""
+    import re as _re
+
+    out = {}
+    for k, v in sd.items():
+        k = _re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{n_levels - 1 - int(m.group(1))}.", k)
+        for a, b in [(".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."),
+                     (".down.", ".down_blocks."), (".block.", ".resnets."), (".downsample.", ".downsamplers.0."),
+                     (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
+                     (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+                     (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."),
+                     (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
+                     (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."),
+                     (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
+                     (".upsample.", ".upsamplers.0.")]:
+            k = k.replace(a, b)
+        if ".attentions.0." in k and k.endswith(".weight") and v.dim() == 4:
+            v = v[:, :, 0, 0]
+        out[k] = v.contiguous()
+    return out
+
+
+def test_loads_diffusers_layout(ref10, tmp_path):
+    """A VAE saved under diffusers' names (as NextStep-1.1's wrapper holds it) loads to the same model."""
+    from safetensors.torch import save_file
+
+    original = AutoencoderKL.from_pretrained(ref10 / "vae")
+    sd = torch.load(ref10 / "vae" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    folder = tmp_path / "diffusers_vae"
+    folder.mkdir()
+    shutil.copy(ref10 / "vae" / "config.json", folder / "config.json")
+    renamed = _to_diffusers_layout(sd, len(original.config.ch_mult))
+    assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in renamed  # the lowest resolution level
+    save_file(renamed, str(folder / "diffusion_pytorch_model.safetensors"))
+    loaded = AutoencoderKL.from_pretrained(folder)
+    for key, value in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -153,6 +153,8 @@ def render(scene: Scene) -> np.ndarray:
     image[:] = BACKGROUNDS[scene.background]
     for o in scene.objects:
         x0, y0, x1, y1 = o.bbox
+        if x1 - x0 != y1 - y0 or x1 <= x0 or min(x0, y0) < 0 or max(x1, y1) > S:
+            raise ValueError(f"object box {list(o.bbox)} must be a non-empty square inside the {S}px canvas")
         region = image[y0:y1, x0:x1]
         region[shape_mask(o.shape, x1 - x0)] = COLOURS[o.colour]
     return image

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -349,6 +350,42 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return sd
 
 
+# diffusers' AutoencoderKL names (what NextStep-1.1's VAE wrapper holds after converting the
+# checkpoint) -> the Flux-style names of the official checkpoint and of this module.
+_DIFFUSERS_RENAMES = [
+    (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.conv_norm_out\.", ".norm_out."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."), (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_q\.", ".mid.attn_1.q."),
+    (r"\.mid_block\.attentions\.0\.to_k\.", ".mid.attn_1.k."),
+    (r"\.mid_block\.attentions\.0\.to_v\.", ".mid.attn_1.v."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.down_blocks\.", ".down."), (r"\.resnets\.", ".block."),
+    (r"\.downsamplers\.0\.", ".downsample."), (r"\.upsamplers\.0\.", ".upsample."),
+]
+
+
+def _from_diffusers_layout(sd: dict[str, Tensor], n_levels: int) -> dict[str, Tensor]:
+    """Rename a diffusers-layout VAE state dict to ours; other dicts pass through unchanged.
+
+    diffusers numbers decoder levels from the lowest resolution (`up_blocks.0`),
+    the Flux layout from the highest (`up.0`), and stores the attention's 1x1
+    convolutions as linear weights.
+    """
+    if not any(".mid_block." in k or "_blocks." in k for k in sd):
+        return sd
+    out = {}
+    for key, value in sd.items():
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.",
+                     lambda m: f"decoder.up.{n_levels - 1 - int(m.group(1))}.", key)
+        for pattern, repl in _DIFFUSERS_RENAMES:
+            new = re.sub(pattern, repl, new)
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.dim() == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
 def _check_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
     """Refuse any missing, unexpected or mis-shaped key (the reference silently kept random weights)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -429,7 +466,7 @@ class AutoencoderKL(nn.Module):
         weights = next((p for p in candidates if p.is_file()), None)
         if weights is None:
             raise CheckpointError(f"no VAE weights in {folder} (looked for {[p.name for p in candidates]})")
-        sd = _read_state_dict(weights)
+        sd = _from_diffusers_layout(_read_state_dict(weights), len(config.ch_mult))
 
         # Build without allocating, then adopt the loaded tensors: weights are never held twice.
         with torch.device("meta"):
