@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..text import IMAGE_TAG, TextTokenizer, image_area
 from .buckets import TOKEN_PIXELS
-from .stream import META
+from .stream import META, is_bookkeeping
 
 IGNORE = -100
 logger = logging.getLogger("nextstep.data")
@@ -152,6 +152,8 @@ class Collator:
         warning, but its bookkeeping stays in `meta`; a batch may then have fewer rows."""
         rows, images, mask, dropped, keys, skipped = [], [], [], [], [], []
         for s in samples:
+            if is_bookkeeping(s):
+                continue  # no data, only a worker's last skips: kept in "meta" below
             try:
                 ids, ims, m, d = self.encode(s)
                 if self.max_length is not None and len(ids) > self.max_length:

@@ -138,8 +138,8 @@ def instruction_of(fields: dict[str, Field]) -> str:
 
 def _image(fields: dict[str, Field], role: str) -> bytes | Path:
     if role not in fields:
-        prefix = "" if role == "image" else f"{role}."
-        raise SkipSample(f"missing {role} image: no {prefix}jpg/png/webp/... file")
+        what, prefix = ("image", "") if role == "image" else (f"{role} image", f"{role}.")
+        raise SkipSample(f"missing {what}: no {prefix}jpg/png/webp/... file")
     return fields[role]
 
 

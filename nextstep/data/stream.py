@@ -16,7 +16,8 @@ Position. A rank's *position* is (epoch, the set of slots its training loop has
 consumed). A slot is consumed when the loop has received the sample from that
 slot, or a later sample of the same worker that carries the news that the slot
 was skipped (corrupt file, missing caption, ...). Each sample carries that
-bookkeeping under the key `"__meta__"`; `mark_consumed(batch)` records it in the
+bookkeeping under the key `"__meta__"` (a worker whose last slots were bad ends
+with a sample holding only that: `is_bookkeeping`); `mark_consumed(batch)` records it in the
 dataset object of the main process, `state_dict()` returns it, and after
 `load_state_dict()` a new iterator deals out only the slots not yet consumed, to
 any number of workers: no repeats, no gaps. Samples prefetched by workers but
@@ -275,9 +276,9 @@ class StreamDataset(IterableDataset):
             if sample is not None:
                 yield sample
         if skipped or ended:
-            # Nothing left to carry the news: those slots are dealt again after a resume
-            # (and skipped again), which costs a re-read but never a repeat or a gap.
-            logger.debug("worker %d ends with %d skips not reported", wid, len(skipped))
+            # Nothing left to carry the news of the last skipped slots: send it alone, as a
+            # sample holding only the bookkeeping (see `is_bookkeeping`).
+            yield {META: {"epoch": self.epoch, "slot": None, "skipped": list(skipped), "ended": list(ended)}}
 
     # ------------------------------------------------------------------ subclass hooks
     def _read(self, rank: int, world: int, wid: int, nw: int) -> Iterator[Record | Skip | UnitEnd]:
@@ -296,6 +297,18 @@ class StreamDataset(IterableDataset):
     def _todo(self, unit: str, stop: int | None = None) -> Iterator[int]:
         done = self.done.get(unit)
         return (DoneSet() if done is None else done).todo(stop)
+
+
+def is_bookkeeping(sample: dict) -> bool:
+    """Whether `sample` only carries position bookkeeping (a worker's last skips): no data to train on.
+
+    A worker whose last slots were skipped ends with such a sample so that the
+    skips are counted and the position can reach the end of the epoch. The
+    Collator leaves these out of the batch rows (keeping their bookkeeping); a
+    loop that iterates samples itself should pass them to `mark_consumed` and
+    otherwise ignore them.
+    """
+    return set(sample) == {META}
 
 
 class SkipSample(Exception):

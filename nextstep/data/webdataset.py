@@ -90,24 +90,56 @@ def open_shard(url: str, timeout: float = 60.0, retries: int = 2) -> IO[bytes]:
     return open(path, "rb")
 
 
+class _TailReader:
+    """A read-only stream wrapper that remembers the last bytes read, so the end of a tar can be checked."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.pos, self.tail = stream, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def block_at(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes:
+        start = self.pos - len(self.tail)
+        return self.tail[offset - start: offset - start + size] if offset >= start else b""
+
+
 def iter_tar(stream: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream, in order (read sequentially)."""
+    """(key, {extension: bytes}) for each sample of a tar stream, in order (read sequentially).
+
+    Raises `tarfile.ReadError` for a truncated or corrupt tar. (Python's stream
+    mode stops quietly at a bad header or at end of data; we check that each
+    member is whole and, for an uncompressed tar, that it stopped at the
+    all-zero end-of-archive block, so a cut shard is reported, not silently short.)
+    """
     key, fields = None, {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    reader = _TailReader(stream)
+    with tarfile.open(fileobj=reader, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} is truncated ({len(data)} of {member.size} bytes)")
             folder, _, name = member.name.rpartition("/")
             if name.startswith("."):
                 continue  # hidden files, macOS ._ resource forks
             stem, _, ext = name.partition(".")
             k = f"{folder}/{stem}" if folder else stem
-            data = tar.extractfile(member).read()
             if k != key and fields:
                 yield key, fields
                 fields = {}
             key = k
             fields[ext] = data
+        if getattr(tar.fileobj, "comptype", "tar") == "tar":
+            end = reader.block_at(tar.offset)
+            if len(end) != tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"truncated or corrupt tar: no end-of-archive block at byte {tar.offset}")
     if fields:
         yield key, fields
 

@@ -3,7 +3,11 @@
 A model folder holds `config.json`, the tokenizer files and either
 `model.safetensors` or shards listed in `model.safetensors.index.json`.
 Loading builds the model on the meta device and moves each tensor in from its
-shard, one at a time, so the weights are never held twice.
+shard, one at a time, so the weights are never held twice. On the CPU,
+safetensors hands out tensors backed by a private memory map of each file,
+so weights are paged in when first used: replace checkpoint files by rename
+(as `save_model` does), never overwrite them in place while a model loaded
+from them is alive.
 """
 
 from __future__ import annotations

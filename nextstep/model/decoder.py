@@ -79,10 +79,8 @@ class Attention(nn.Module):
             k, v = cache.k[layer], cache.v[layer]
         # Grouped-query attention without copying K/V: the G query heads that
         # share a KV head are folded into the query-length axis.
-        G = self.n_heads // self.n_kv_heads
-        q = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)
-        if G > 1:
-            mask = mask.unsqueeze(2).expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        # `mask` comes pre-expanded to (B, 1, G*T, L) by `gqa_mask`, once for all layers.
+        q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
@@ -112,6 +110,14 @@ class DecoderLayer(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, input_pos: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def gqa_mask(mask: Tensor, groups: int) -> Tensor:
+    """(B, 1, T, L) -> (B, 1, groups*T, L): the mask for queries folded as in `Attention`."""
+    if groups == 1:
+        return mask
+    B, _, T, L = mask.shape
+    return mask.unsqueeze(2).expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
 
 
 def attention_mask(key_valid: Tensor, query_pos: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import NextStepConfig
-from .decoder import DecoderLayer, KVCache, RMSNorm, attention_mask, rope_tables
+from .decoder import DecoderLayer, KVCache, RMSNorm, attention_mask, gqa_mask, rope_tables
 from .flow_head import FlowHead
 from .pos_embed import sincos_2d
 
@@ -100,7 +100,8 @@ class NextStep(nn.Module):
         """
         cos, sin = rope if rope is not None else rope_tables(
             input_pos, self.config.head_dim, self.config.rope_theta, embeds.dtype)
-        mask = attention_mask(key_valid, input_pos)
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = gqa_mask(attention_mask(key_valid, input_pos), groups)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, input_pos)
