@@ -17,7 +17,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys

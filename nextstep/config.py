@@ -208,7 +208,8 @@ class NextStepConfig:
         if self.vocab_size > 0:
             for name in ("boi", "eoi", "image_placeholder_id"):
                 if not 0 <= getattr(self, name) < self.vocab_size:
-                    problems.append(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
+                    problems.append(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                    f"(vocab_size={self.vocab_size})")
         if problems:
             raise ConfigError(f"{source}: unsupported values: " + "; ".join(problems))
 

@@ -291,7 +291,8 @@ class NextStepPipeline:
         if len(hw) != 2 or any(not isinstance(s, int) or s < f or s % f for s in hw):
             raise ValueError(f"hw={tuple(hw)}: height and width must be positive integer multiples of {f}")
         if not (cfg >= 1 and cfg_img >= 1 and math.isfinite(cfg) and math.isfinite(cfg_img)):
-            raise ValueError(f"guidance scales must be finite and >= 1 (1 means no guidance), got cfg={cfg}, cfg_img={cfg_img}")
+            raise ValueError(f"guidance scales must be finite and >= 1 (1 means no guidance), "
+                             f"got cfg={cfg}, cfg_img={cfg_img}")
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         tags = [c.count(IMAGE_TAG) for c in captions]

@@ -22,11 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_write
 from ..config import NextStepConfig
 from ..errors import CheckpointError
 from ..model import NextStep
 from ..model.pos_embed import sincos_2d
+from .atomic import atomic_write
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

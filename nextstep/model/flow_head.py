@@ -9,6 +9,7 @@ condition vector c. Parameter names match the official checkpoint
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

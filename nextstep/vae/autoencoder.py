@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io.atomic import atomic_write
 from ..errors import CheckpointError, ConfigError
+from ..io.atomic import atomic_write
 
 CONFIG_NAME = "config.json"
 # Weight files we look for, in order of preference: safetensors cannot run code.
