@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import NextStepError
-from . import data, generate
+from . import data, generate, train
 
-COMMANDS = [generate, data]
+COMMANDS = [generate, data, train]
 
 
 def build_parser() -> argparse.ArgumentParser:

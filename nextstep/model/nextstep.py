@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..config import NextStepConfig
@@ -60,6 +61,28 @@ class NextStep(nn.Module):
         self.register_buffer("gen_pos_embed", sincos_2d(d, g, g)[None], persistent=True)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Recompute each decoder layer in the backward pass instead of storing its activations.
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh weights for training from scratch: N(0, std) matrices and embeddings, zero biases,
+        unit norm gains, and zero adaLN modulations and output layer in the flow head (so each
+        residual block starts as the identity and the head predicts zero velocity)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)) and module.weight is not None:
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        net = self.image_head.net
+        for layer in [b.adaLN_modulation[1] for b in net.res_blocks] + [
+                net.final_layer.adaLN_modulation[1], net.final_layer.linear]:
+            layer.weight.zero_()
+            layer.bias.zero_()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +127,10 @@ class NextStep(nn.Module):
         mask = gqa_mask(attention_mask(key_valid, input_pos), groups)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, input_pos)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, input_pos)
         return self.norm(x)
 
     def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -7,6 +7,7 @@ left-padded with `[PAD]`, special tokens are matched verbatim in the text.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,8 +83,15 @@ class TextTokenizer:
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.folder is None:
+        if self.folder is None:  # built in memory: write tokenizer.json and the files transformers reads
             self.tokenizer.save(str(folder / "tokenizer.json"))
+            specials = [t for t in SPECIAL_TOKENS if t != PAD]
+            config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|endoftext|>",
+                      "pad_token": PAD, "additional_special_tokens": specials, "clean_up_tokenization_spaces": False,
+                      "model_max_length": 131072, "padding_side": "left"}
+            (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            special_map = {"eos_token": "<|endoftext|>", "pad_token": PAD, "additional_special_tokens": specials}
+            (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
             return
         for name in TOKENIZER_FILES:
             src = self.folder / name

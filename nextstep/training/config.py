@@ -1,0 +1,196 @@
+"""TrainConfig: one stage of a training recipe, read from a TOML file.
+
+A recipe is a folder of stage files run in order, each starting from the
+previous stage's exported model (`init_from`). Every key is checked when the
+file is read, before any compute: unknown keys, impossible values, missing
+paths and a batch that does not split across the ranks fail with a message
+naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
+NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
+SOURCE_KINDS = ("shapes", "files")
+
+
+@dataclass
+class ModelSection:
+    """A new model (used when `init_from` is empty): NextStepConfig overrides plus its parts."""
+
+    tokenizer: str = "shapes"  # a folder with tokenizer.json, or "shapes" to build the shapes-world BPE
+    vae: str = ""  # a VAE folder (official layout)
+    config: dict[str, Any] = field(default_factory=dict)  # NextStepConfig fields
+
+
+@dataclass
+class DataSource:
+    kind: str = "shapes"  # "shapes" (the synthetic world) or "files" (folder / jsonl / webdataset)
+    weight: float = 1.0  # share of the batches drawn from this source
+    size: int = 64  # shapes: image side
+    edits: bool = False  # shapes: editing triplets instead of captions
+    path: str = ""  # files: folder, manifest or shard pattern
+    resolution: int = 256  # files: bucket base resolution
+    task: str = "t2i"  # files: "t2i" or "edit"
+
+
+@dataclass
+class DataSection:
+    sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    batch_size: int = 16  # global, over all ranks and accumulation steps
+    num_workers: int = 0
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    schedule: str = "constant"  # or "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainSection:
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
+    grad_checkpointing: bool = False
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
+    sample_size: int = 64
+    sample_cfg: float = 3.0
+    sample_steps: int = 20
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    stage: str = "pretrain"
+    steps: int = 1000
+    seed: int = 0
+    init_from: str = ""  # previous stage's exported model folder; empty: a new model from [model]
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: str = ""  # the file it was read from (not a TOML key)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"training config not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        config = _build(cls, raw, str(path))
+        config.source = str(path)
+        return config
+
+    def check(self, world_size: int = 1) -> None:
+        """Everything that can be checked before any compute."""
+        where = self.source or "training config"
+        if self.stage not in STAGES:
+            raise ConfigError(f"{where}: stage={self.stage!r}; choose one of {STAGES}")
+        if self.stage in NOT_AVAILABLE:
+            raise ConfigError(f"{where}: the {NOT_AVAILABLE[self.stage]} stage is not available yet "
+                              "(it is listed in the recipe so the stages keep their order)")
+        problems = []
+        for name, value in [("steps", self.steps), ("data.batch_size", self.data.batch_size),
+                            ("optim.grad_accum", self.optim.grad_accum), ("train.log_every", self.train.log_every),
+                            ("train.checkpoint_every", self.train.checkpoint_every),
+                            ("train.keep_last", self.train.keep_last)]:
+            if value < 1:
+                problems.append(f"{name}={value} (must be >= 1)")
+        if not self.optim.lr > 0:
+            problems.append(f"optim.lr={self.optim.lr} (must be > 0)")
+        if self.optim.schedule not in ("constant", "cosine"):
+            problems.append(f"optim.schedule={self.optim.schedule!r} (constant or cosine)")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
+        if not 0 <= self.data.caption_dropout < 1:
+            problems.append(f"data.caption_dropout={self.data.caption_dropout} (must be in [0, 1))")
+        per_step = world_size * self.optim.grad_accum
+        if self.data.batch_size % per_step:
+            problems.append(f"data.batch_size={self.data.batch_size} is not divisible by "
+                            f"{world_size} ranks x {self.optim.grad_accum} accumulation steps")
+        if not self.data.sources:
+            problems.append("data.sources is empty")
+        for i, s in enumerate(self.data.sources):
+            if s.kind not in SOURCE_KINDS:
+                problems.append(f"data.sources[{i}].kind={s.kind!r} (one of {SOURCE_KINDS})")
+            if s.kind == "shapes" and (s.size < 16 or s.size % 16):
+                problems.append(f"data.sources[{i}].size={s.size} (a multiple of 16)")
+            if s.kind == "files" and not _exists(s.path):
+                problems.append(f"data.sources[{i}].path={s.path!r} does not exist")
+            if not s.weight > 0:
+                problems.append(f"data.sources[{i}].weight={s.weight} (must be > 0)")
+        if self.init_from:
+            if not Path(self.init_from).is_dir():
+                problems.append(f"init_from={self.init_from!r} does not exist (run the previous stage first)")
+        else:
+            if self.model.tokenizer != "shapes" and not (Path(self.model.tokenizer) / "tokenizer.json").is_file():
+                problems.append(f"model.tokenizer={self.model.tokenizer!r} has no tokenizer.json")
+            if not Path(self.model.vae, "config.json").is_file():
+                problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run the VAE stage first)")
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def _exists(path: str) -> bool:
+    """A local path (or, for shard patterns and URLs, something that may exist: checked by the loader)."""
+    if not path:
+        return False
+    if "://" in path or "{" in path:
+        return True
+    return Path(path).exists()
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    """Dataclass `cls` from a TOML table, refusing unknown keys by their dotted name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
+        if cls is TrainConfig and name in sub:
+            kwargs[name] = _build(sub[name], value, f"{where} [{name}]")
+        elif cls is DataSection and name == "sources":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: sources must be a list of tables")
+            kwargs[name] = [_build(DataSource, v, f"{where} sources[{i}]") for i, v in enumerate(value)]
+        elif name == "betas":
+            kwargs[name] = tuple(value)
+        else:
+            default = getattr(cls(), name)
+            if isinstance(default, bool) != isinstance(value, bool) or (
+                    isinstance(default, (int, float, str)) and not isinstance(value, type(default))
+                    and not (isinstance(default, float) and isinstance(value, int))):
+                raise ConfigError(f"{where}: {name}={value!r} should be a {type(default).__name__}")
+            kwargs[name] = value
+    return cls(**kwargs)

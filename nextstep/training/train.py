@@ -1,0 +1,267 @@
+"""`nextstep train CONFIG`: one stage of NextStep training, a straight loop from top to bottom.
+
+Loss = lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image
+tokens), with frozen-VAE latents computed on the fly. AdamW, warm-up then a
+constant or cosine learning rate, gradient clipping and accumulation, bf16
+autocast on GPU and fp32 on CPU. Every step appends a line to
+`RUN/metrics.jsonl`; checkpoints hold the model, optimizer, RNG, data
+position and step, so `--resume` continues exactly where a run stopped (on
+the CPU the resumed losses are bit-identical to an uninterrupted run's).
+Under torchrun the model is sharded with FSDP2 (see `distributed.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import NextStepConfig
+from ..data import Collator, ShapesDataset, encode_images, open_dataset
+from ..io import load_model
+from ..io.atomic import atomic_write
+from ..model import NextStep
+from ..pipeline import NextStepPipeline
+from ..text import TextTokenizer
+from ..text.train_tokenizer import shapes_tokenizer
+from ..vae import AutoencoderKL
+from . import distributed as dist
+from .checkpoint import CheckpointManager, flatten_optimizer, unflatten_optimizer
+from .config import TrainConfig
+
+logger = logging.getLogger("nextstep.training")
+
+
+# ---------------------------------------------------------------------- parts
+
+
+def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, TextTokenizer, AutoencoderKL]:
+    """The model to train (the previous stage's export, or a new one), its tokenizer and frozen VAE."""
+    if config.init_from:
+        folder = Path(config.init_from)
+        model = load_model(folder, device, torch.float32).train()
+        tokenizer = TextTokenizer.from_pretrained(folder)
+        vae_dir = folder / (model.config.vae_name_or_path or "vae")
+    else:
+        tokenizer = (shapes_tokenizer() if config.model.tokenizer == "shapes"
+                     else TextTokenizer.from_pretrained(config.model.tokenizer))
+        vae_dir = Path(config.model.vae)
+        vocab = math.ceil(len(tokenizer) / 64) * 64  # padded like the official vocabularies
+        fields = dict(vocab_size=vocab, boi=tokenizer.boi_id, eoi=tokenizer.eoi_id,
+                      image_placeholder_id=tokenizer.placeholder_id, pad_token_id_added=tokenizer.pad_id,
+                      bos_token_id=None, eos_token_id=tokenizer.tokenizer.token_to_id("<|endoftext|>"),
+                      vae_name_or_path="vae", **config.model.config)
+        model_config = NextStepConfig.from_dict(fields, source=f"{config.source} [model]")
+        torch.manual_seed(config.seed)
+        model = NextStep(model_config).to(device)
+        model.init_weights(generator=torch.Generator(device=device).manual_seed(config.seed))
+    vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32,
+                                        family=model.config.family).requires_grad_(False)
+    if vae.config.z_channels != model.config.latent_channels:
+        raise ValueError(f"VAE {vae_dir} has {vae.config.z_channels} latent channels, "
+                         f"the model {model.config.latent_channels}")
+    return model, tokenizer, vae
+
+
+class Batches:
+    """Batches from one or several data sources; the source of each step is a seeded choice by weight."""
+
+    def __init__(self, config: TrainConfig, collator: Collator, per_rank: int, rank: int, world: int) -> None:
+        self.config = config
+        self.datasets = []
+        for s in config.data.sources:
+            if s.kind == "shapes":
+                ds = ShapesDataset(size=s.size, seed=config.seed, edits=s.edits, rank=rank, world_size=world)
+            else:
+                ds = open_dataset(s.path, resolution=s.resolution, task=s.task, seed=config.seed,
+                                  rank=rank, world_size=world)
+            self.datasets.append(ds)
+        self.weights = [s.weight for s in config.data.sources]
+        self.loaders = [DataLoader(ds, batch_size=per_rank, collate_fn=collator,
+                                   num_workers=config.data.num_workers) for ds in self.datasets]
+        self.iters: list[Any] = [None] * len(self.datasets)
+
+    def next(self, step: int, micro: int) -> dict[str, Any]:
+        i = random.Random(f"{self.config.seed}:{step}:{micro}").choices(range(len(self.weights)), self.weights)[0]
+        while True:
+            if self.iters[i] is None:
+                self.iters[i] = iter(self.loaders[i])
+            try:
+                batch = next(self.iters[i])
+            except StopIteration:  # an epoch of a finite source ended: start the next one
+                self.datasets[i].set_epoch(self.datasets[i].epoch + 1)
+                self.iters[i] = None
+                continue
+            self.datasets[i].mark_consumed(batch)
+            if len(batch["input_ids"]):
+                return batch
+
+    def state_dict(self) -> list[dict]:
+        return [ds.state_dict() for ds in self.datasets]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for ds, state in zip(self.datasets, states):
+            ds.load_state_dict(state)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine down to `min_lr_ratio`."""
+    o = config.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, config: TrainConfig,
+                 path: Path) -> None:
+    """A row of images for the fixed sample prompts, as one PNG."""
+    t = config.train
+    was_training = model.training
+    model.eval()
+    pipe = NextStepPipeline(model, vae, tokenizer)
+    images = pipe.generate_image(t.sample_prompts, hw=(t.sample_size, t.sample_size), cfg=t.sample_cfg,
+                                 num_sampling_steps=t.sample_steps, seed=0, progress=False)
+    model.train(was_training)
+    grid = Image.new("RGB", (t.sample_size * len(images), t.sample_size))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * t.sample_size, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past `last_step` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
+
+def tensorboard_writer(out: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("TensorBoard logging off: install nextstep[tensorboard] to enable it")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run one stage; returns the exported model folder (official layout)."""
+    env = dist.setup()
+    config.check(env.world_size)
+    device = env.device
+    out = Path(config.out_dir)
+    ckpts = CheckpointManager(out, config.train.keep_last)
+    if not resume and ckpts.steps():
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, vae = build_parts(config, device)
+    precision = config.train.precision
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing = True
+    trained = dist.wrap(model, env)
+
+    accum = config.optim.grad_accum
+    per_rank = config.data.batch_size // (env.world_size * accum)
+    collator = Collator(tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed)
+    batches = Batches(config, collator, per_rank, env.rank, env.world_size)
+    o = config.optim
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    # One generator for every random draw of training (VAE samples, flow noise and times).
+    generator = torch.Generator().manual_seed(config.seed * 1000 + env.rank)
+
+    start = 0
+    if resume:
+        loaded = dist.load_checkpoint(ckpts, trained, env)
+        if loaded is not None:
+            tensors, meta = loaded
+            optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+            scheduler.load_state_dict(meta["scheduler"])
+            generator.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+            batches.load_state_dict(meta["data"][env.rank] if env.world_size > 1 else meta["data"])
+            start = meta["step"]
+            logger.info("resumed from step %d", start)
+        truncate_metrics(out / "metrics.jsonl", start)
+    writer = tensorboard_writer(out, config.train.tensorboard and env.is_main)
+
+    trained.train()
+    progress = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not env.is_main,
+                    desc=f"{config.stage}")
+    for step in progress:
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "lm_loss": 0.0, "im_loss": 0.0}
+        n_samples = 0
+        for micro in range(accum):
+            batch = batches.next(step, micro)
+            latents = encode_images(vae, batch["pixel_values"], generator=generator)
+            with autocast:
+                losses = trained(batch["input_ids"].to(device), batch["labels"].to(device), latents,
+                                 batch["latents_mask"].to(device), batch["attention_mask"].to(device),
+                                 generator=generator)
+            (losses.loss / accum).backward()
+            for k in sums:
+                sums[k] += getattr(losses, k).item() / accum
+            n_samples += len(batch["input_ids"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), o.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        sums = dist.mean_over_ranks(sums, env)
+        if env.is_main and (done % config.train.log_every == 0 or done == config.steps):
+            record = {"step": done, **sums, "lr": lr, "grad_norm": float(grad_norm),
+                      "samples_per_s": n_samples * env.world_size / (time.perf_counter() - t0)}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, done)
+            progress.set_postfix(loss=f"{sums['loss']:.4f}", im=f"{sums['im_loss']:.4f}")
+        if done % config.train.checkpoint_every == 0 or done == config.steps:
+            opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
+            tensors = {**opt_tensors, "rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+            data_state = dist.gather_objects(batches.state_dict(), env)
+            meta = {"optimizer": opt_rest, "scheduler": scheduler.state_dict(),
+                    "data": data_state if env.world_size > 1 else batches.state_dict(), "stage": config.stage}
+            dist.save_checkpoint(ckpts, done, trained, tensors, meta, env)
+        if env.is_main and config.train.sample_every and done % config.train.sample_every == 0:
+            save_samples(model, vae, tokenizer, config, out / "samples" / f"step_{done:08d}.png")
+
+    export = out / "export"
+    final_model = dist.full_model(trained, model, env)
+    if env.is_main:
+        pipe = NextStepPipeline(final_model.eval(), vae, tokenizer)
+        pipe.save_pretrained(export)
+        save_samples(final_model, vae, tokenizer, config, out / "samples" / "final.png")
+        atomic_write(out / "DONE", lambda tmp: Path(tmp).write_text(f"{config.steps}\n"))
+    if writer is not None:
+        writer.close()
+    dist.teardown(env)
+    return export
