@@ -18,8 +18,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nextstep.cli import main
-from nextstep.data import (OFFICIAL_HW_UNITS, Collator, DataError, FolderDataset, JsonlDataset, ShardDataset,
-                           ShardWriter, buckets, closest_bucket, expand_braces, fit_to_bucket, open_dataset)
+from nextstep.data import (
+    OFFICIAL_HW_UNITS,
+    Collator,
+    DataError,
+    FolderDataset,
+    JsonlDataset,
+    ShardDataset,
+    ShardWriter,
+    buckets,
+    closest_bucket,
+    expand_braces,
+    fit_to_bucket,
+    open_dataset,
+)
 from nextstep.data.shapes import parse_caption, parse_instruction
 from nextstep.data.stream import StreamDataset, is_bookkeeping
 from nextstep.text import TextTokenizer
@@ -226,7 +238,10 @@ def test_epochs_reshuffle_but_keep_the_sample_set(shards):
 
 def test_resume_from_a_saved_position_has_no_repeats_or_gaps(shards):
     out, _ = shards
-    make = lambda: ShardDataset(str(out / PATTERN), resolution=64, seed=3, shuffle_buffer=5, rank=0, world_size=2)
+
+    def make() -> ShardDataset:
+        return ShardDataset(str(out / PATTERN), resolution=64, seed=3, shuffle_buffer=5, rank=0, world_size=2)
+
     everything = sorted(s["key"] for s in _run(make(), workers=2))
     ds = make()
     before = [s["key"] for s in _run(ds, workers=2, limit=12)]  # stops with workers mid-shard

@@ -6,7 +6,6 @@ import json
 import tarfile
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,28 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nextstep.cli import main
-from nextstep.data.shapes import (BACKGROUNDS, CATEGORIES, COLOURS, Caption, CaptionError, Edit, Phrase, Scene,
-                                  SceneObject, ShapesConfig, ShapesDataset, gap_px, make_sample, margin_px,
-                                  parse_caption, parse_instruction, relation_holds, render, render_image,
-                                  sample_edit, sample_scene, shape_mask)
+from nextstep.data.shapes import (
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    Caption,
+    CaptionError,
+    Edit,
+    Phrase,
+    Scene,
+    SceneObject,
+    ShapesConfig,
+    ShapesDataset,
+    make_sample,
+    parse_caption,
+    parse_instruction,
+    relation_holds,
+    render,
+    render_image,
+    sample_edit,
+    sample_scene,
+    shape_mask,
+)
 from nextstep.eval.shapes import check, check_edit, corrupt, corrupt_edit, degrade, detect
 
 SPEC_COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
@@ -357,8 +374,8 @@ def test_labels_round_trip_and_bad_labels():
 
 
 def test_pixels_match_the_pipeline_convention():
-    from nextstep.pipeline import pil_to_pixels
     from nextstep.data.shapes import to_pixels
+    from nextstep.pipeline import pil_to_pixels
 
     scene = make_sample(ShapesConfig(seed=1), 0).scene
     assert torch.allclose(to_pixels(render(scene)), pil_to_pixels(render_image(scene)))

@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_shapes(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from ..data.shapes import CATEGORIES, ShapesConfig, make_sample, render_image
     from ..data.webdataset import ShardWriter
-    from tqdm import tqdm
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")

@@ -14,9 +14,9 @@ from .batching import Collator, encode_images
 from .buckets import OFFICIAL_HW_UNITS, buckets, closest_bucket, fit_to_bucket
 from .loaders import FolderDataset, JsonlDataset, open_dataset
 from .shapes import ShapesConfig, ShapesDataset, make_sample
-from .stream import DataError, StreamDataset
+from .stream import DataError, StreamDataset, is_bookkeeping
 from .webdataset import ShardDataset, ShardWriter, expand_braces
 
 __all__ = ["OFFICIAL_HW_UNITS", "Collator", "DataError", "FolderDataset", "JsonlDataset", "ShapesConfig",
            "ShapesDataset", "ShardDataset", "ShardWriter", "StreamDataset", "buckets", "closest_bucket",
-           "encode_images", "expand_braces", "fit_to_bucket", "make_sample", "open_dataset"]
+           "encode_images", "expand_braces", "fit_to_bucket", "is_bookkeeping", "make_sample", "open_dataset"]

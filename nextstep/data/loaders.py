@@ -47,13 +47,11 @@ class _ItemDataset(StreamDataset):
     def _item(self, i: int) -> tuple[str, dict[str, Any]]:
         raise NotImplementedError
 
-    def _rank_items(self, rank: int, world: int) -> list[int]:
-        return epoch_order(self._count(), self.seed, self.epoch, self.shuffle)[rank::world]
-
     def _read(self, rank: int, world: int, wid: int, nw: int) -> Iterator[Record]:
-        items = self._rank_items(rank, world)
+        items = epoch_order(self._count(), self.seed, self.epoch, self.shuffle)[rank::world]
         for slot in islice(self._todo(ITEMS, len(items)), wid, None, nw):
-            yield Record(ITEMS, slot, str(items[slot]), items[slot])
+            item = int(items[slot])
+            yield Record(ITEMS, slot, str(item), item)
 
     def _decode(self, record: Record) -> dict:
         key, fields = self._item(record.data)

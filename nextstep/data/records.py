@@ -28,8 +28,10 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-from ..pipeline import pil_to_pixels
+import numpy as np
+
 from .buckets import closest_bucket, fit_to_bucket, load_bucketed, open_image
+from .shapes import to_pixels
 from .stream import SkipSample
 
 Field = Union[bytes, Path, str]
@@ -153,14 +155,14 @@ def decode_sample(fields: dict[str, Field], task: str, base: int) -> dict[str, A
     if task == "t2i":
         caption = caption_of(fields)  # text first: it is cheaper to find missing than to decode
         image = load_bucketed(_image(fields, "image"), base)
-        return {"caption": caption, "pixels": pil_to_pixels(image)}
+        return {"caption": caption, "pixels": to_pixels(np.asarray(image))}
     if task == "edit":
         instruction = instruction_of(fields)
         target = open_image(_image(fields, "target"))
         bucket = closest_bucket(target.height, target.width, base)
         source = fit_to_bucket(open_image(_image(fields, "source")), bucket)
-        return {"instruction": instruction, "source": pil_to_pixels(source),
-                "target": pil_to_pixels(fit_to_bucket(target, bucket))}
+        return {"instruction": instruction, "source": to_pixels(np.asarray(source)),
+                "target": to_pixels(np.asarray(fit_to_bucket(target, bucket)))}
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 

@@ -571,8 +571,13 @@ def make_sample(config: ShapesConfig, index: int) -> ShapesSample:
 
 
 def to_pixels(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1], the model's pixel convention."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    """(H, W, 3) uint8 -> contiguous (3, H, W) float32 in [-1, 1], the model's pixel convention.
+
+    Done in numpy: it is as exact and, in a busy DataLoader worker, much faster
+    than the same torch ops.
+    """
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    return torch.from_numpy(chw / np.float32(127.5) - np.float32(1.0))
 
 
 class ShapesDataset(StreamDataset):

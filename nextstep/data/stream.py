@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -168,7 +169,9 @@ class StreamDataset(IterableDataset):
         return dist_info(self._rank, self._world)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` (its own shuffle) with nothing consumed. Call before iterating."""
+        """Start epoch `epoch` (its own shuffle) with nothing consumed. Call before creating the
+        DataLoader iterator. The current epoch keeps its position, so a resumed loop may call
+        set_epoch(saved epoch) unconditionally."""
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.done, self.sizes = {}, {}
@@ -329,14 +332,8 @@ def _log_skip(n_logged: int, message: str) -> int:
     return n_logged + 1
 
 
-def deal(items: list, index: int, count: int) -> list:
-    """Round-robin share `index` of `count` of `items`."""
-    return items[index::count]
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """0..n-1, shuffled with (seed, epoch) when `shuffle`."""
-    order = list(range(n))
-    if shuffle:
-        random.Random(f"order:{seed}:{epoch}").shuffle(order)
-    return order
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """0..n-1, shuffled with (seed, epoch) when `shuffle` (numpy: a 10M-item manifest takes ~0.2 s)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)

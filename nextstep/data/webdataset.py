@@ -166,7 +166,7 @@ class ShardDataset(StreamDataset):
     def rank_shards(self, rank: int, world: int) -> list[str]:
         """The shards rank `rank` reads in this epoch, in order."""
         order = epoch_order(len(self.urls), self.seed, self.epoch, self.shuffle)
-        return [self.urls[i] for i in order[rank::world]]
+        return [self.urls[int(i)] for i in order[rank::world]]
 
     def _read(self, rank: int, world: int, wid: int, nw: int) -> Iterator[Record | Skip | UnitEnd]:
         todo = [u for u in self.rank_shards(rank, world) if not self.unit_finished(u)]

@@ -35,9 +35,24 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..data.shapes import (BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, Caption, Edit, Phrase, Scene,
-                           SceneObject, boxes_apart, gap_px, margin_px, parse_caption, parse_instruction,
-                           place_objects, relation_holds)
+from ..data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    MAX_OBJECTS,
+    SHAPES,
+    Caption,
+    Edit,
+    Phrase,
+    Scene,
+    SceneObject,
+    boxes_apart,
+    gap_px,
+    margin_px,
+    parse_caption,
+    parse_instruction,
+    place_objects,
+    relation_holds,
+)
 
 BACKGROUND_TOL = 40.0  # max RGB distance of the border colour from light/dark
 COLOUR_TOL = 60.0  # max RGB distance of an object's colour from its palette colour
