@@ -247,3 +247,28 @@ def test_pipeline_save_and_reload_generates_the_same_image(ref10: Path, tmp_path
     assert len(after) == len(before) == 1
     assert after[0].size == before[0].size == (64, 32)
     assert np.array_equal(np.asarray(after[0]), np.asarray(before[0]))
+
+
+def test_load_language_model_from_a_qwen_layout(tmp_path, ref10):
+    """The decoder can start from a Qwen2-style checkpoint (`model.` prefix, its own vocabulary size)."""
+    from safetensors.torch import save_file
+
+    from nextstep.io.checkpoint import load_language_model
+
+    source = load_model(ref10 / "model", CPU, torch.float32)
+    qwen = {("" if k.startswith("lm_head") else "model.") + k: v.clone()
+            for k, v in source.state_dict().items() if not k.startswith(("image_", "gen_pos"))}
+    qwen["model.embed_tokens.weight"] = qwen["model.embed_tokens.weight"][:500]  # a smaller vocabulary
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    save_file(qwen, str(folder / "model.safetensors"))
+
+    target = NextStep(source.config)
+    target.init_weights(generator=torch.Generator().manual_seed(0))
+    head_before = target.image_head.net.input_proj.weight.clone()
+    missing = load_language_model(target, folder)
+    assert missing == []
+    assert torch.equal(target.layers[1].mlp.up_proj.weight, source.layers[1].mlp.up_proj.weight)
+    assert torch.equal(target.embed_tokens.weight[:500], source.embed_tokens.weight[:500])
+    assert not torch.equal(target.embed_tokens.weight[500:], source.embed_tokens.weight[500:])
+    assert torch.equal(target.image_head.net.input_proj.weight, head_before)

@@ -164,3 +164,34 @@ def save_model(model: NextStep, folder: str | Path, max_shard_bytes: int = 5 * 2
     config_dict.update(config_updates or {})
     config = json.dumps(config_dict, indent=2) + "\n"
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(config))
+
+
+def load_language_model(model: NextStep, folder: str | Path) -> list[str]:
+    """Initialise the decoder from a Qwen2 / Llama checkpoint folder (Hugging Face layout, e.g. Qwen2.5-14B).
+
+    The official recipe starts NextStep-1 from Qwen2.5-14B: its `model.*` tensors
+    become our decoder (the prefix dropped), `lm_head` stays `lm_head`. Shapes
+    must match, except the vocabulary, where the rows both have are copied (the
+    added image tokens keep their fresh initialisation). The image parts are
+    untouched. Returns the names of our tensors the checkpoint did not provide.
+    """
+    folder = Path(folder)
+    ours = dict(model.named_parameters())
+    filled: set[str] = set()
+    for path in weight_files(folder):
+        for key, tensor in iter_safetensors(path, torch.device("cpu")):
+            name = key.removeprefix("model.")
+            if name not in ours or name.startswith(("image_", "gen_pos")):
+                continue  # e.g. rotary caches, or tensors of other heads
+            target = ours[name]
+            with torch.no_grad():
+                if name in ("embed_tokens.weight", "lm_head.weight") and tensor.shape[1:] == target.shape[1:]:
+                    rows = min(tensor.shape[0], target.shape[0])
+                    target[:rows].copy_(tensor[:rows])
+                elif tensor.shape == target.shape:
+                    target.copy_(tensor)
+                else:
+                    raise CheckpointError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {tuple(target.shape)}")
+            filled.add(name)
+    return sorted(n for n in ours if n not in filled and not n.startswith("image_"))
