@@ -8,10 +8,12 @@ thing or raise a clear error (see docs/differences.md).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +23,87 @@ from torch import Tensor
 from .devices import resolve
 from .errors import CheckpointError
 from .io import load_model, save_model
+from .io.atomic import atomic_write
 from .model import NextStep, unpatchify
 from .model.pos_embed import sincos_2d
 from .sampling import FlowSampler
 from .sampling.autoregressive import generate_tokens
+from .sampling.flow import SAMPLERS
 from .text import IMAGE_TAG, TextTokenizer, image_block, image_prefix
 from .vae import AutoencoderKL, DiagonalGaussian
 
 CFG_SCHEDULES = ("constant", "linear")
+
+# The small shapes-world model that ships inside the package (official layout).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
+
+# A model folder may carry this file to say how it is best sampled; `pipe(...)` and the
+# CLI read their defaults from it. Without it: what the official examples use, and a
+# size of latent_size * (VAE down factor) pixels (512 for the official 1.0 and 1.1).
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+OFFICIAL_DEFAULTS: dict[str, Any] = {"cfg": 7.5, "cfg_img": 2.0, "num_sampling_steps": 28, "use_norm": False,
+                                     "timesteps_shift": 1.0, "cfg_schedule": "constant", "sampler": None}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_DEFAULT_CHECKS = {
+    "cfg": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+    "cfg_img": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+    "num_sampling_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "hw": (lambda v: isinstance(v, list) and len(v) == 2
+           and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v), "[height, width]"),
+    "use_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "timesteps_shift": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "cfg_schedule": (lambda v: v in CFG_SCHEDULES, f"one of {list(CFG_SCHEDULES)}"),
+    "sampler": (lambda v: v is None or v in SAMPLERS, f"null or one of {list(SAMPLERS)}"),
+}
+
+
+def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The settings in `<model_dir>/generation_defaults.json` ({} without the file), checked key by key."""
+    path = Path(model_dir) / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    for key, value in d.items():
+        if key not in _DEFAULT_CHECKS:
+            raise CheckpointError(f"{path}: unknown key {key!r}; expected some of {list(_DEFAULT_CHECKS)}")
+        ok, expected = _DEFAULT_CHECKS[key]
+        if not ok(value):
+            raise CheckpointError(f"{path}: {key} must be {expected}, got {value!r}")
+    return d
+
+
+def with_image_tag(prompt: str) -> str:
+    """An edit prompt with its source-image slot: `<image>` goes first unless the prompt places it."""
+    return prompt if IMAGE_TAG in prompt else IMAGE_TAG + prompt
+
+
+def seed_from(generator: torch.Generator | int | None) -> int:
+    """The seed of a diffusers-style `generator`: an int, a torch.Generator's `initial_seed()`, or
+    for None a fresh one from torch's global RNG (so `torch.manual_seed` makes it repeatable)."""
+    if isinstance(generator, torch.Generator):
+        return generator.initial_seed()
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return generator
+    if generator is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    raise TypeError(f"generator must be a torch.Generator, an int or None, got {type(generator).__name__}")
+
+
+@dataclass
+class NextStepPipelineOutput:
+    """What `pipe(...)` returns, like a diffusers pipeline output."""
+
+    images: list[Image.Image]
 
 
 def pil_to_pixels(image: Image.Image) -> Tensor:
@@ -93,8 +168,13 @@ FAMILIES = {
 
 
 class NextStepPipeline:
-    def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer) -> None:
+    def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        # Kept apart so that save_pretrained writes back exactly what the folder said.
+        self._custom_defaults = dict(generation_defaults or {})
+        size = model.config.latent_size * vae.down_factor
+        self.generation_defaults: dict[str, Any] = {**OFFICIAL_DEFAULTS, "hw": [size, size], **self._custom_defaults}
         cfg = model.config
         ids = {"boi": (cfg.boi, tokenizer.boi_id), "eoi": (cfg.eoi, tokenizer.eoi_id),
                "image_placeholder_id": (cfg.image_placeholder_id, tokenizer.placeholder_id)}
@@ -114,14 +194,27 @@ class NextStepPipeline:
         """Pixels per image token along each side (16 for f8 latents in 2x2 patches)."""
         return self.vae.down_factor * self.model.config.latent_patch_size
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) that `pipe(...)` and the CLI generate when not told: the model's own."""
+        h, w = self.generation_defaults["hw"]
+        return h, w
+
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, vae_dir: str | Path | None = None,
+    def from_pretrained(cls, model_dir: str | Path | None = None, vae_dir: str | Path | None = None,
                         device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None) -> "NextStepPipeline":
-        """Load a model folder (official layout). The VAE comes from `vae_dir`, else from the
-        config's `vae_name_or_path` (relative to the model folder), else from `<model_dir>/vae`."""
+        """Load a model folder (official layout); without one, the shipped shapes-world model.
+        The VAE comes from `vae_dir`, else from the config's `vae_name_or_path` (relative to the
+        model folder), else from `<model_dir>/vae`. An optional `generation_defaults.json` in the
+        folder sets the defaults of `pipe(...)` and the CLI."""
         device, dtype = resolve(device, dtype)
+        if model_dir is None:
+            if not SHIPPED_MODEL.is_dir():
+                raise CheckpointError(f"the shipped model is not installed at {SHIPPED_MODEL}; "
+                                      f"pass a model folder instead")
+            model_dir = SHIPPED_MODEL
         model_dir = Path(model_dir)
         model = load_model(model_dir, device, dtype)
         tokenizer = TextTokenizer.from_pretrained(model_dir)
@@ -133,7 +226,7 @@ class NextStepPipeline:
                     f"no VAE folder at {vae_dir} (from vae_name_or_path={name!r}); pass vae_dir=")
         # The VAE stays in fp32: it is small and decoding is where precision shows.
         vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32, family=model.config.family)
-        return cls(model, vae, tokenizer)
+        return cls(model, vae, tokenizer, load_generation_defaults(model_dir))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the official layout: config, safetensors, tokenizer files, and the VAE in `vae/`."""
@@ -141,6 +234,9 @@ class NextStepPipeline:
         save_model(self.model, folder, config_updates={"vae_name_or_path": "vae"})
         self.tokenizer.save_pretrained(folder)
         self.vae.save_pretrained(folder / "vae")
+        if self._custom_defaults:
+            text = json.dumps(self._custom_defaults, indent=2) + "\n"
+            atomic_write(folder / GENERATION_DEFAULTS_FILE, lambda tmp: Path(tmp).write_text(text))
 
     # ------------------------------------------------------------------ generation
     def generate_image(
@@ -174,6 +270,48 @@ class NextStepPipeline:
                                use_norm, cfg, cfg_img, cfg_schedule, timesteps_shift, num_sampling_steps, seed,
                                sde_type, noise_level)
         return self.decode_tokens(self.sample_tokens(request, progress=progress), request.grid)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | int | None = None,
+        image: Image.Image | Sequence[Image.Image] | None = None,
+        image_guidance_scale: float | None = None,
+    ) -> NextStepPipelineOutput:
+        """Diffusers-style call, a thin map onto `generate_image`; unset settings come from
+        `generation_defaults`. The images depend only on the seed (`seed_from(generator)`: a
+        torch.Generator counts by its `initial_seed()`, not its state). `image` makes it an edit:
+        each prompt gets `<image>` in front unless it holds one, one image serves every prompt or
+        there is one per prompt, and the size defaults to the source image's, not `default_size`."""
+        d = self.generation_defaults
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        images, (h, w), cfg_img = None, self.default_size, 1.0
+        if image is not None:
+            images = [image] if isinstance(image, Image.Image) else list(image)
+            images = images * len(prompts) if len(images) == 1 else images
+            prompts = [with_image_tag(p) if isinstance(p, str) else p for p in prompts]
+            cfg_img = d["cfg_img"]
+            if images and isinstance(images[0], Image.Image):
+                h, w = images[0].height, images[0].width
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        images_out = self.generate_image(
+            prompts, images, num_images_per_prompt, negative_prompt=negative_prompt,
+            hw=(pick(height, h), pick(width, w)), use_norm=d["use_norm"], cfg=pick(guidance_scale, d["cfg"]),
+            cfg_img=pick(image_guidance_scale, cfg_img), cfg_schedule=d["cfg_schedule"],
+            timesteps_shift=d["timesteps_shift"], num_sampling_steps=pick(num_inference_steps, d["num_sampling_steps"]),
+            seed=seed_from(generator), sde_type=d["sampler"])
+        return NextStepPipelineOutput(images_out)
 
     def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int,
                     positive_prompt: str | None, negative_prompt: str | None, cfg: float, cfg_img: float

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..errors import NextStepError
-from . import data, generate, train
+from . import data, edit, generate, train, train_vae
+from . import eval as evaluate
 
-COMMANDS = [generate, data, train]
+COMMANDS = [generate, edit, evaluate, data, train, train_vae]
 
 
 def build_parser() -> argparse.ArgumentParser:

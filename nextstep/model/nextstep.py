@@ -109,7 +109,7 @@ class NextStep(nn.Module):
         if tokens.shape[0] != n_slots:
             raise ValueError(f"latents give {tokens.shape[0]} image tokens for {n_slots} placeholders")
         embeds = embeds.clone()
-        embeds[is_image] = self.image_in_projector(tokens.to(embeds.dtype))
+        embeds[is_image] = self.image_in_projector(tokens.to(embeds.dtype)).to(embeds.dtype)  # autocast: bf16 out
         return embeds
 
     def hidden_states(self, embeds: Tensor, input_pos: Tensor, key_valid: Tensor,

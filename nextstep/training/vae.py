@@ -6,12 +6,14 @@ What one step does (read `train_vae` top to bottom):
    with `encoder_norm` the mean is layer-normalised over channels (per `psz`
    patch), the paper's channel-wise normalisation that keeps latents unit-scale;
 2. draw z = mean + std * eps from the posterior;
-3. noise regularisation (NextStep-1, sec. 2, after sigma-VAE): z' = z + alpha * eps',
-   eps' ~ N(0, I) and alpha ~ U[0, gamma] drawn once per image, gamma =
-   `loss.noise_max` in raw latent units (unit std when `encoder_norm` is on). The
-   decoder learns to reconstruct from perturbed latents, so small errors in the
-   tokens a generator predicts decode to nearly the same image, and the latent
-   distribution cannot collapse to a few tightly packed points;
+3. noise regularisation (NextStep-1, sec. 2, after sigma-VAE): z' = z + alpha * s * eps',
+   eps' ~ N(0, I), alpha ~ U[0, gamma] drawn once per image, gamma = `loss.noise_max`,
+   s = the image's latent std (no gradient). With `encoder_norm` (the paper's
+   channel-wise normalisation) s is ~1, which is the paper's formula; see
+   `perturb` for why s is there. The decoder learns to reconstruct from
+   perturbed latents, so small errors in the tokens a generator predicts decode
+   to nearly the same image, and the latent distribution cannot collapse to a
+   few tightly packed points;
 4. decode z' and take the losses: reconstruction `l1 * |x - x'| + mse * (x - x')^2`
    (means over pixels) plus `kl * KL`, the KL of the posterior to N(0, I) averaged
    over latent elements (so its weight does not depend on the image size);
@@ -73,6 +75,7 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "heldout", "data.
                      "data.heldout_seed"}
 # Fields of the VAE config the training computes itself.
 COMPUTED_VAE_KEYS = ("scaling_factor", "shift_factor")
+INIT_LOGVAR = -6.0  # a new encoder's posterior starts with std exp(-3) ~ 0.05 (see _start_nearly_deterministic)
 
 
 # --------------------------------------------------------------------------- config
@@ -178,7 +181,7 @@ class VAETrainConfig:
         if cfg.z_channels <= 0 or cfg.num_res_blocks <= 0:
             problems.append(f"z_channels and num_res_blocks must be positive, got {cfg.z_channels} and "
                             f"{cfg.num_res_blocks}")
-        patch = 2 ** (len(cfg.ch_mult) - 1) * (cfg.psz or 1 if cfg.encoder_norm else 1)
+        patch = 2 ** (len(cfg.ch_mult) - 1) * ((cfg.psz or 1) if cfg.encoder_norm else 1)
         if cfg.ch_mult and self.data.image_size % patch:
             problems.append(f"data.image_size {self.data.image_size} must be a multiple of {patch} "
                             f"(the down factor {2 ** (len(cfg.ch_mult) - 1)} times psz {cfg.psz})")
@@ -226,13 +229,11 @@ def _fit_square(pixels: Tensor, size: int) -> Tensor:
     return square.contiguous()
 
 
-def _open_source(source: str, config: DataConfig, what: str, shuffle: bool):
+def _open_source(source: str, config: DataConfig, seed: int, what: str, shuffle: bool):
     """A StreamDataset for `source`; a missing or unusable source is a ConfigError naming `what`."""
     from ..data import ShapesDataset, open_dataset
 
     if source == "shapes":
-        seed = config.seed if what == "data.source" else (
-            config.heldout_seed if config.heldout_seed is not None else config.seed + 1)
         try:
             return ShapesDataset(size=config.image_size, seed=seed)
         except ValueError as e:
@@ -241,7 +242,7 @@ def _open_source(source: str, config: DataConfig, what: str, shuffle: bool):
     if local and not Path(source).exists():
         raise ConfigError(f"config key {what!r}: {source} does not exist")
     try:
-        return open_dataset(source, resolution=config.image_size, seed=config.seed, shuffle=shuffle)
+        return open_dataset(source, resolution=config.image_size, seed=seed, shuffle=shuffle)
     except (OSError, ValueError) as e:
         raise ConfigError(f"config key {what!r}: cannot open {source}: {e}") from None
 
@@ -259,7 +260,7 @@ def _samples(dataset) -> Iterator[Tensor]:
             got += 1
             yield sample["pixels"]
         if got == 0:
-            raise DataError(f"{dataset._source_id() or type(dataset).__name__}: an epoch gave no usable image")
+            raise DataError(f"the training data ({type(dataset).__name__}) gave no usable image in a whole epoch")
         dataset.set_epoch(dataset.epoch + 1)
 
 
@@ -271,7 +272,8 @@ def _batches(dataset, batch_size: int, size: int) -> Iterator[Tensor]:
 
 def load_heldout(config: DataConfig, n: int) -> Tensor:
     """The first `n` held-out images, (n, 3, S, S) in [-1, 1] (fewer if the source has fewer)."""
-    dataset = _open_source(config.heldout_source or "shapes", config, "data.heldout_source", shuffle=False)
+    seed = config.seed + 1 if config.heldout_seed is None else config.heldout_seed
+    dataset = _open_source(config.heldout_source or "shapes", config, seed, "data.heldout_source", shuffle=False)
     images = []
     for sample in dataset:  # one epoch at most: real sources end, the shapes stream does not
         if "pixels" in sample:
@@ -288,14 +290,20 @@ def load_heldout(config: DataConfig, n: int) -> Tensor:
 
 
 def perturb(z: Tensor, noise_max: float, generator: torch.Generator) -> Tensor:
-    """The noise regularisation: z + alpha * eps, alpha ~ U[0, noise_max] per image, eps ~ N(0, I).
+    """The noise regularisation: z + alpha * s * eps, alpha ~ U[0, noise_max] per image, eps ~ N(0, I).
 
-    Both draws come from `generator` on the CPU (like `DiagonalGaussian.sample`),
-    so a seed gives the same noise on every device.
+    s is the image's own latent standard deviation (not differentiated). With
+    `encoder_norm` s is ~1 and this is the paper's z + alpha * eps; without it,
+    measuring the noise against the latents' scale keeps the encoder from
+    escaping the regulariser by simply making its latents larger. Both draws
+    come from `generator` on the CPU (like `DiagonalGaussian.sample`), so a seed
+    gives the same noise on every device.
     """
-    alpha = torch.rand((z.shape[0],) + (1,) * (z.dim() - 1), generator=generator) * noise_max
+    shape = (z.shape[0],) + (1,) * (z.dim() - 1)
+    alpha = torch.rand(shape, generator=generator) * noise_max
     eps = torch.randn(z.shape, generator=generator)
-    return z + (alpha * eps).to(z.device, z.dtype)
+    scale = z.detach().flatten(1).std(dim=1).reshape(shape)
+    return z + scale * (alpha * eps).to(z.device, z.dtype)
 
 
 def kl_loss(posterior: DiagonalGaussian) -> Tensor:
@@ -403,7 +411,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' is {config.device!r} but CUDA is not available")
-    data = _open_source(config.data.source, config.data, "data.source", shuffle=True)
+    data = _open_source(config.data.source, config.data, config.data.seed, "data.source", shuffle=True)
     heldout = load_heldout(config.data, config.heldout)
     loaded = ckpts.load_latest() if resume else None
     step = 0
@@ -432,6 +440,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                 del base
             else:
                 model = AutoencoderKL(config.vae_config())
+                _start_nearly_deterministic(model)
         model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                       weight_decay=config.weight_decay)
@@ -494,6 +503,22 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
         return _finish(model, heldout, config, run, step)
 
 
+def _start_nearly_deterministic(model: AutoencoderKL) -> None:
+    """Set the log-variance outputs of a new encoder to INIT_LOGVAR.
+
+    A fresh conv_out gives logvar ~ 0, a posterior std of 1 against means of
+    std ~0.4 (or 1 with encoder_norm): the first hundreds of steps would decode
+    mostly noise. Trained KL autoencoders end with tiny posterior variances
+    anyway (the KL weight is ~1e-6), and the robustness the paper wants comes
+    from the explicit noise regularisation, so we start there.
+    """
+    conv = model.encoder.conv_out
+    z = model.config.z_channels
+    with torch.no_grad():
+        conv.weight[z:].mul_(0.1)
+        conv.bias[z:].fill_(INIT_LOGVAR)
+
+
 def _save(ckpts: CheckpointManager, step: int, model: AutoencoderKL, optimizer: torch.optim.Optimizer,
           generator: torch.Generator, data, config: VAETrainConfig) -> None:
     optim_tensors, optim_rest = flatten_optimizer(optimizer.state_dict())
@@ -523,7 +548,7 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
-    psnr_mode, psnr_sample, scaled = [], [], []
+    psnr_mode, psnr_sample, scaled, stds = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(heldout), config.batch_size):
             x = heldout[i:i + config.batch_size].to(device)
@@ -532,6 +557,7 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
             z = posterior.sample(generator)
             psnr_sample.append(psnr(model.decode(z).float().cpu(), x.cpu()))
             scaled.append(((z - shift) * scale).float().cpu())
+            stds.append(posterior.std.float().flatten(1).mean(1).cpu())
     scaled_all = torch.cat(scaled).double()
     report = {
         "step": step,
@@ -544,11 +570,8 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
         # What the generator is trained on (to_latents with sampling): close to (0, 1) when the
         # posterior's own noise is small next to the spread of the means.
         "scaled_sample_mean_std": [scaled_all.mean().item(), scaled_all.std().item()],
-        "posterior_std_mean": None,
+        "posterior_std_mean": torch.cat(stds).mean().item(),  # the encoder's own noise, raw units
     }
-    with torch.no_grad():
-        x = heldout[:config.batch_size].to(device)
-        report["posterior_std_mean"] = model.encode(x).std.float().mean().item()
     report_text = json.dumps(report, indent=1) + "\n"
     atomic_write(run / REPORT, lambda tmp: Path(tmp).write_text(report_text))
     export = run / EXPORT
@@ -556,7 +579,3 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
     print(f"held-out PSNR {report['psnr_db']:.2f} dB (sampled latents: {report['psnr_db_sampled']:.2f} dB) "
           f"on {len(heldout)} images; shift_factor {shift:.5f}, scaling_factor {scale:.5f}; exported to {export}")
     return export
-
-
-def load_config(path: str | os.PathLike) -> VAETrainConfig:
-    return VAETrainConfig.from_toml(path)

@@ -1,0 +1,34 @@
+"""`nextstep train-vae CONFIG.toml [--resume]`: train the image tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DESCRIPTION = """\
+Train the VAE image tokenizer (reconstruction + KL losses with NextStep-1's latent
+noise regularisation), then measure the latent normalisation (shift_factor,
+scaling_factor) and the reconstruction PSNR on held-out images.
+
+The run folder (run_dir in the config) receives metrics.jsonl (one line per step),
+checkpoints/ (the last keep_last), report.json and export/, a VAE folder that
+AutoencoderKL.from_pretrained loads. See recipes/shapes/vae.toml for the keys."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-vae", help="train the VAE image tokenizer",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="training config (TOML), e.g. recipes/shapes/vae.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in run_dir from its newest checkpoint (start afresh if it has none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.vae import VAETrainConfig, train_vae  # import torch only when a command runs
+
+    config = VAETrainConfig.from_toml(args.config)
+    export = train_vae(config, resume=args.resume, progress=not args.no_progress)
+    print(export)
+    return 0

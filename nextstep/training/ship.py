@@ -1,0 +1,71 @@
+"""Package a trained model for shipping: bf16 weights in the official layout, defaults, a model card.
+
+`python -m nextstep.training.ship EXPORT DEST --report eval/shapes/report.json ...`
+copies a finished run's export (model, tokenizer, VAE) to DEST with every
+floating-point tensor stored in bfloat16 (half the bytes; the pipeline loads
+them in its own dtype), writes `generation_defaults.json` (what the
+command line and `pipe(...)` use when not told otherwise) and `MODEL_CARD.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..io import load_model, save_model
+from ..text import TextTokenizer
+from ..vae import AutoencoderKL
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def ship(export: Path, dest: Path, defaults: dict, card: str) -> int:
+    """Write the shipped model to `dest` (replaced as a whole); returns its size in bytes."""
+    cpu = torch.device("cpu")
+    model = load_model(export, cpu, torch.bfloat16)
+    vae_dir = export / (model.config.vae_name_or_path or "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.bfloat16, family=model.config.family)
+    tokenizer = TextTokenizer.from_pretrained(export)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the destination and swap it in, so an interrupted ship never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; this is a model for everyone
+    try:
+        save_model(model, tmp, config_updates={"vae_name_or_path": "vae"})
+        tokenizer.save_pretrained(tmp)
+        vae.save_pretrained(tmp / "vae")
+        (tmp / "generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(card)
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder_bytes(dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("export", type=Path, help="a finished run's export folder")
+    p.add_argument("dest", type=Path, help="where the shipped model goes (e.g. nextstep/assets/shapes)")
+    p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json to ship")
+    p.add_argument("--card", type=Path, required=True, help="MODEL_CARD.md to ship")
+    args = p.parse_args(argv)
+    size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text())
+    print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,382 @@
+"""The command line (`nextstep generate | edit | eval`), the shipped-model default, and `pipe(...)`.
+
+The tiny fixture model has random weights, so its images are noise: these tests
+check mechanics (file names, counts, sizes, reports, determinism, errors), not
+quality. The model is copied into the shipped layout (VAE in `vae/`) with a
+`generation_defaults.json` that makes 64 px images in 4 steps, which keeps every
+run to a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nextstep.pipeline as pipeline_module
+from nextstep.cli import main
+from nextstep.data.shapes import (
+    CATEGORIES,
+    EDIT_OPS,
+    Scene,
+    SceneObject,
+    parse_caption,
+    parse_instruction,
+    render_image,
+    scene_for_caption,
+)
+from nextstep.errors import CheckpointError
+from nextstep.eval.benchmark import (
+    FAIL,
+    PASS,
+    benchmark_prompts,
+    run_edits_benchmark,
+    run_shapes_benchmark,
+)
+from nextstep.pipeline import OFFICIAL_DEFAULTS, NextStepPipeline
+
+DEFAULTS = {"cfg": 3.0, "cfg_img": 1.5, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": False,
+            "sampler": "euler_maruyama"}
+
+
+@pytest.fixture(scope="session")
+def model(ref10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny fixture model in the shipped layout, with generation defaults."""
+    folder = tmp_path_factory.mktemp("shipped") / "shapes"
+    shutil.copytree(ref10 / "model", folder)
+    shutil.copytree(ref10 / "vae", folder / "vae")
+    (folder / "generation_defaults.json").write_text(json.dumps(DEFAULTS))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipe(model: Path) -> NextStepPipeline:
+    return NextStepPipeline.from_pretrained(model)
+
+
+@pytest.fixture()
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder (also the cwd), so default output names land here."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def source_image(size: int = 64) -> Image.Image:
+    """A red circle and a blue square (boxes laid out for 64 px, scaled to `size`)."""
+    k = size // 16
+    scene = Scene(size, "light", (SceneObject("circle", "red", (2 * k, 2 * k, 6 * k, 6 * k)),
+                                  SceneObject("square", "blue", (9 * k, 9 * k, 13 * k, 13 * k))))
+    return render_image(scene)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ---------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", [[], ["generate"], ["edit"], ["eval"], ["eval", "shapes"], ["eval", "edits"]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: nextstep")
+
+
+# ---------------------------------------------------------------------- shipped model and defaults
+def test_shipped_model_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(pipeline_module, "SHIPPED_MODEL", tmp_path / "not-here")
+    with pytest.raises(CheckpointError, match="the shipped model is not installed at .*not-here"):
+        NextStepPipeline.from_pretrained()
+
+
+def test_shipped_model_is_the_default(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+    monkeypatch.setattr(pipeline_module, "SHIPPED_MODEL", model)
+    pipe = NextStepPipeline.from_pretrained()
+    assert pipe.default_size == (64, 64)
+    assert pipe.generation_defaults["num_sampling_steps"] == 4 and pipe.generation_defaults["cfg"] == 3.0
+
+
+def test_official_defaults_without_file(ref10: Path) -> None:
+    pipe = NextStepPipeline.from_pretrained(ref10 / "model", ref10 / "vae")
+    assert pipe.default_size == (256, 256)  # latent_size 32 * the VAE's factor 8
+    assert {k: pipe.generation_defaults[k] for k in OFFICIAL_DEFAULTS} == OFFICIAL_DEFAULTS
+
+
+def test_bad_generation_defaults(model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    (folder / "generation_defaults.json").write_text(json.dumps({"cfg": 3.0, "guidance": 2}))
+    with pytest.raises(CheckpointError, match="generation_defaults.json: unknown key 'guidance'"):
+        NextStepPipeline.from_pretrained(folder)
+    (folder / "generation_defaults.json").write_text(json.dumps({"hw": [64]}))
+    with pytest.raises(CheckpointError, match=r"hw must be \[height, width\]"):
+        NextStepPipeline.from_pretrained(folder)
+
+
+def test_save_pretrained_keeps_defaults(pipe: NextStepPipeline, tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path / "copy")
+    assert NextStepPipeline.from_pretrained(tmp_path / "copy").generation_defaults == pipe.generation_defaults
+
+
+# ---------------------------------------------------------------------- pipe(...)
+def same(a: list[Image.Image], b: list[Image.Image]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_call_equals_generate_image(pipe: NextStepPipeline) -> None:
+    out = pipe(["a red circle", "two squares"], num_images_per_prompt=2, generator=torch.Generator().manual_seed(7))
+    assert len(out.images) == 4 and all(im.size == (64, 64) for im in out.images)
+    expected = pipe.generate_image(["a red circle", "two squares"], num_images_per_caption=2, hw=(64, 64), cfg=3.0,
+                                   num_sampling_steps=4, seed=7, sde_type="euler_maruyama", progress=False)
+    assert same(out.images, expected)
+    assert same(pipe(["a red circle", "two squares"], num_images_per_prompt=2, generator=7).images, expected)
+    other = pipe("a red circle", generator=8, height=32, width=48, num_inference_steps=2, guidance_scale=1.0)
+    assert other.images[0].size == (48, 32)
+    assert not same(pipe("a red circle", generator=8).images, expected[:1])
+
+
+def test_call_edit(pipe: NextStepPipeline) -> None:
+    src = source_image(32)
+    out = pipe("make the circle blue", image=src, generator=3, num_images_per_prompt=2)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)  # the source's size
+    expected = pipe.generate_image("<image>make the circle blue", src, 2, hw=(32, 32), cfg=3.0, cfg_img=1.5,
+                                   num_sampling_steps=4, seed=3, sde_type="euler_maruyama", progress=False)
+    assert same(out.images, expected)
+
+
+def test_call_bad_arguments(pipe: NextStepPipeline) -> None:
+    with pytest.raises(TypeError, match="generator must be"):
+        pipe("a circle", generator="7")
+    with pytest.raises(ValueError, match="cfg_img guides by a source image"):
+        pipe("a circle", image_guidance_scale=2.0)
+
+
+# ---------------------------------------------------------------------- generate
+def test_generate_single(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["generate", "a red circle", "--model", model, "-o", "one.png"], capsys)
+    assert code == 0 and files(work) == {"one.png"} and out.split() == ["one.png"]
+    assert Image.open(work / "one.png").size == (64, 64)  # the model's default size
+
+    code, _, _ = run_cli(["generate", "a red circle", "--model", model, "-o", "many.png", "-n", "3",
+                          "--size", "32x48"], capsys)
+    assert code == 0
+    assert files(work) == {"one.png", "many_0.png", "many_1.png", "many_2.png", "many_sheet.png"}
+    assert Image.open(work / "many_0.png").size == (48, 32)
+    assert Image.open(work / "many_sheet.png").size == (3 * 48 + 2 * 4, 32)  # side by side, 4 px gaps
+
+
+def test_generate_batch(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"id": "a", "caption": "a red circle"}, {"id": 7, "caption": "two squares"},
+            {"id": "c-1", "caption": "a circle above a square"}]
+    (work / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (work / "out").mkdir()
+    code, _, _ = run_cli(["generate", "--prompts", "prompts.jsonl", "--out-dir", "out", "-n", "2",
+                          "--batch-size", "2", "--model", model], capsys)
+    assert code == 0
+    assert files(work / "out") == {f"{i}_{k}.png" for i in ("a", "7", "c-1") for k in ("0", "1", "sheet")}
+    # Batch 0 has the same seed as a single run, so the first prompt's images match one.
+    run_cli(["generate", "a red circle", "-n", "2", "-o", "single.png", "--model", model], capsys)
+    assert same([Image.open(work / "out" / "a_0.png")], [Image.open(work / "single_0.png")])
+
+    (work / "out1").mkdir()
+    run_cli(["generate", "--prompts", "prompts.jsonl", "--out-dir", "out1", "--model", model], capsys)
+    assert files(work / "out1") == {"a_0.png", "7_0.png", "c-1_0.png"}  # no sheet for one image
+
+
+# ---------------------------------------------------------------------- edit
+def test_edit_single(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    source_image(128).save(work / "src.png")  # not the model's size: resized to 64
+    code, out, _ = run_cli(["edit", "--image", "src.png", "make the circle blue", "-o", "e.png",
+                            "--model", model, "--cfg-img", "2", "--seed", "1"], capsys)
+    assert code == 0 and out.split() == ["e.png"]
+    assert Image.open(work / "e.png").size == (64, 64)
+    code, _, _ = run_cli(["edit", "--image", "src.png", "remove the square", "-o", "f.png", "-n", "2",
+                          "--model", model], capsys)
+    assert code == 0 and {"f_0.png", "f_1.png", "f_sheet.png"} <= files(work)
+
+
+def test_edit_batch(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    (work / "jobs" / "img").mkdir(parents=True)
+    source_image().save(work / "jobs" / "img" / "s.png")
+    rows = [{"id": "x", "image": "img/s.png", "instruction": "make the circle blue"},
+            {"id": "y", "image": "img/s.png", "instruction": "<image> add a green triangle"}]
+    (work / "jobs" / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (work / "out").mkdir()
+    code, _, _ = run_cli(["edit", "--prompts", "jobs/edits.jsonl", "--out-dir", "out", "-n", "2",
+                          "--model", model], capsys)
+    assert code == 0
+    assert files(work / "out") == {f"{i}_{k}.png" for i in "xy" for k in ("0", "1", "sheet")}
+
+
+# ---------------------------------------------------------------------- eval
+def test_eval_shapes(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["eval", "shapes", "--model", model, "--per-category", "2", "-n", "1"], capsys)
+    assert code == 0
+    report = json.loads((work / "eval" / "shapes" / "report.json").read_text())
+    assert list(report["categories"]) == list(CATEGORIES)
+    for name, c in report["categories"].items():
+        assert (c["prompts"], c["images"]) == (2, 2) and 0 <= c["passed"] <= 2 and c["score"] == c["passed"] / 2
+        assert all(len(case["passed"]) == 1 and len(case["reasons"]) == 1 for case in c["cases"])
+        assert name in out
+        grid = Image.open(work / "eval" / "shapes" / f"{name}.png")
+        assert grid.size == (64 + 6, 2 * (64 + 6) + 2)  # 2 prompts x 1 image, 3 px frames, 2 px gap
+    assert report["overall"] == pytest.approx(np.mean([c["score"] for c in report["categories"].values()]))
+    assert report["model"] == str(model) and report["seconds"] > 0
+    assert report["settings"]["num_sampling_steps"] == 4 and report["settings"]["hw"] == [64, 64]
+
+    def prompts(r: dict) -> dict:
+        return {k: [case["prompt"] for case in c["cases"]] for k, c in r["categories"].items()}
+
+    run_cli(["eval", "shapes", "--model", model, "--per-category", "2", "-n", "1", "--out", "again"], capsys)
+    run_cli(["eval", "shapes", "--model", model, "--per-category", "2", "-n", "1", "--out", "s1", "--seed", "1"],
+            capsys)
+    again, seed1 = (json.loads((work / d / "report.json").read_text()) for d in ("again", "s1"))
+    assert prompts(again) == prompts(report)
+    assert prompts(seed1) != prompts(report)
+
+
+def test_eval_edits(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(["eval", "edits", "--model", model, "--per-kind", "2", "-n", "1"], capsys)
+    assert code == 0
+    folder = work / "eval" / "edits"
+    report = json.loads((folder / "report.json").read_text())
+    assert list(report["categories"]) == list(EDIT_OPS) and report["benchmark"] == "edits"
+    for kind, c in report["categories"].items():
+        assert (c["prompts"], c["images"]) == (2, 2)
+        assert all(parse_instruction(case["instruction"]).op == kind for case in c["cases"])
+        assert Image.open(folder / f"{kind}.png").size == (2 * 70 + 2, 2 * 70 + 2)  # source + 1 edit per row
+    run_cli(["eval", "edits", "--model", model, "--per-kind", "2", "-n", "1", "--out", "again"], capsys)
+    again = json.loads((work / "again" / "report.json").read_text())
+    assert [case["instruction"] for c in again["categories"].values() for case in c["cases"]] == \
+        [case["instruction"] for c in report["categories"].values() for case in c["cases"]]
+
+
+def test_benchmark_prompts_follow_the_spec() -> None:
+    prompts = benchmark_prompts(30, seed=5)
+    assert prompts == benchmark_prompts(30, seed=5) and prompts != benchmark_prompts(30, seed=6)
+    assert benchmark_prompts(10, seed=5)["colors"] == prompts["colors"][:10]  # a bigger set extends a smaller
+    forms = {"single_object": "single", "two_object": "and", "counting": "count", "colors": "single",
+             "position": "relation", "color_attr": "and"}
+    for category, texts in prompts.items():
+        for text in texts:
+            cap = parse_caption(text)
+            assert cap.form == forms[category] and cap.background == "light"
+            coloured = [p.colour is not None for p in cap.objects]
+            assert all(coloured) if category in ("colors", "color_attr") else not any(coloured), text
+            if cap.form in ("and", "relation"):
+                assert cap.objects[0].shape != cap.objects[1].shape, text
+
+
+class StubPipe:
+    """A stand-in model: draws each caption perfectly, or returns each edit's source unchanged."""
+
+    generation_defaults = {**OFFICIAL_DEFAULTS, "hw": [64, 64]}
+    default_size = (64, 64)
+    model = SimpleNamespace(config=SimpleNamespace(family="nextstep-1"))
+
+    def generate_image(self, captions, images, n, seed, progress, **settings):
+        if images is not None:
+            return [im for im in images for _ in range(n)]
+        rng = np.random.default_rng(seed)
+        return [render_image(scene_for_caption(rng, parse_caption(c), 64)) for c in captions for _ in range(n)]
+
+
+def test_benchmark_scores_and_frames(tmp_path: Path) -> None:
+    report = run_shapes_benchmark(StubPipe(), per_category=3, n=2, seed=0, batch_size=4, out=tmp_path / "s")
+    assert report["overall"] == 1.0 and all(c["passed"] == 6 for c in report["categories"].values())
+    grid = np.asarray(Image.open(tmp_path / "s" / "counting.png"))
+    assert tuple(grid[0, 0]) == PASS and tuple(grid[-1, -1]) == PASS
+    # An unchanged source is never a correct edit.
+    report = run_edits_benchmark(StubPipe(), per_kind=2, n=1, seed=0, out=tmp_path / "e")
+    assert report["overall"] == 0.0
+    grid = np.asarray(Image.open(tmp_path / "e" / "add.png"))
+    assert tuple(grid[0, -1]) == FAIL
+
+
+# ---------------------------------------------------------------------- bad input
+def bad_jsonl(work: Path, text: str) -> str:
+    (work / "p.jsonl").write_text(text)
+    (work / "out").mkdir(exist_ok=True)
+    return "p.jsonl"
+
+
+BAD = {
+    "empty prompt": (lambda w: ["generate", "  ", "-o", "x.png"], "the prompt is empty"),
+    "missing folder": (lambda w: ["generate", "a circle", "-o", "nope/x.png"], "output folder nope does not exist"),
+    "bad size": (lambda w: ["generate", "a circle", "--size", "72", "-o", "x.png"], "multiples of 16"),
+    "zero images": (lambda w: ["generate", "a circle", "-n", "0"], "-n must be >= 1"),
+    "both modes": (lambda w: ["generate", "a circle", "--prompts", "p.jsonl"], "not both"),
+    "missing out-dir": (lambda w: ["generate", "--prompts", "p.jsonl", "--out-dir", "nope"],
+                        "output folder nope does not exist"),
+    "bad json": (lambda w: ["generate", "--prompts", bad_jsonl(w, '{"id": "a", "caption": "a circle"}\n{"id": "b",\n'),
+                            "--out-dir", "out"], "p.jsonl line 2: not valid JSON"),
+    "missing field": (lambda w: ["generate", "--prompts", bad_jsonl(w, '{"id": "a"}\n'), "--out-dir", "out"],
+                      "p.jsonl line 1: missing 'caption'"),
+    "duplicate id": (lambda w: ["generate", "--prompts",
+                                bad_jsonl(w, '{"id": "a", "caption": "x"}\n\n{"id": "a", "caption": "y"}\n'),
+                                "--out-dir", "out"], "p.jsonl line 3: id 'a' is already used on line 1"),
+    "unsafe id": (lambda w: ["generate", "--prompts", bad_jsonl(w, '{"id": "../a", "caption": "x"}\n'),
+                             "--out-dir", "out"], "id '../a' must be"),
+    "empty caption": (lambda w: ["generate", "--prompts", bad_jsonl(w, '{"id": "a", "caption": " "}\n'),
+                                 "--out-dir", "out"], "line 1: 'caption' must be a non-empty string"),
+    "missing image": (lambda w: ["edit", "--image", "gone.png", "add a circle"], "input image gone.png does not exist"),
+    "unreadable image": (lambda w: ["edit", "--image", "bad.png", "add a circle"],
+                         "cannot read input image bad.png"),
+    "no image": (lambda w: ["edit", "add a circle"], "give the source image with --image"),
+    "empty instruction": (lambda w: ["edit", "--image", "good.png", ""], "the instruction is empty"),
+    "unreadable image in batch": (
+        lambda w: ["edit", "--prompts", bad_jsonl(w, '{"id": "a", "image": "good.png", "instruction": "add a circle"}\n'
+                                                     '{"id": "b", "image": "bad.png", "instruction": "add a circle"}\n'),
+                   "--out-dir", "out"], "cannot read input image bad.png"),
+    "eval count": (lambda w: ["eval", "shapes", "--per-category", "0"], "N must be >= 1"),
+    "eval out is a file": (lambda w: ["eval", "edits", "--out", "good.png"], "--out good.png exists and is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case: str, model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    source_image().save(work / "good.png")
+    (work / "bad.png").write_text("not a png")
+    make_args, message = BAD[case]
+    args = make_args(work)
+    before = files(work)
+    code, _, err = run_cli(args + ["--model", model], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"nextstep {args[0]}: error: "), err
+    assert message in err
+    assert files(work) == before  # nothing written
+
+
+def test_missing_shipped_model_on_the_command_line(monkeypatch: pytest.MonkeyPatch, work: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(pipeline_module, "SHIPPED_MODEL", work / "assets" / "shapes")
+    code, _, err = run_cli(["generate", "a circle"], capsys)
+    assert code == 2 and "the shipped model is not installed at" in err and files(work) == set()
+
+
+def test_unknown_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a circle", "--colour", "red"])
+    assert e.value.code == 2 and "unrecognized arguments: --colour red" in capsys.readouterr().err
+
+
+def test_exit_status_of_the_real_command(model: Path, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "nextstep", "generate", "", "--model", str(model)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "nextstep generate: error: the prompt is empty\n"
+    assert list(tmp_path.iterdir()) == []

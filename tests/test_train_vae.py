@@ -1,0 +1,186 @@
+"""VAE tokenizer training: the loss falls, resume is exact, the export is normalised, bad configs fail early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nextstep.training.vae as vae_training
+from nextstep.cli import main
+from nextstep.data import ShapesDataset
+from nextstep.errors import ConfigError
+from nextstep.training.vae import VAETrainConfig, train_vae
+from nextstep.vae import AutoencoderKL
+
+# encoder_norm is off on purpose: the raw posterior means are then far from unit scale,
+# so mean ~0 / std ~1 after export can only come from the stored factors.
+TINY_TOML = """
+run_dir = "{run_dir}"
+steps = 30
+batch_size = 8
+lr = 5e-3
+warmup_steps = 5
+min_lr_ratio = 1.0
+checkpoint_every = 10
+keep_last = 2
+heldout = 32
+threads = 1
+
+[vae]
+ch = 32
+ch_mult = [1, 1, 1, 1]
+num_res_blocks = 1
+z_channels = 16
+
+[data]
+source = "shapes"
+image_size = 32
+
+[loss]
+l1 = 1.0
+mse = 0.0
+kl = 1e-6
+noise_max = 0.3
+"""
+
+
+def write_config(tmp: Path, run_dir: Path, extra: str = "", name: str = "vae.toml") -> Path:
+    path = tmp / name
+    path.write_text(extra + TINY_TOML.format(run_dir=run_dir))
+    return path
+
+
+def load(tmp: Path, run_dir: Path) -> VAETrainConfig:
+    return VAETrainConfig.from_toml(write_config(tmp, run_dir))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing field (the one value that may differ between runs)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["samples_per_s"]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 30-step run."""
+    tmp = tmp_path_factory.mktemp("full")
+    train_vae(load(tmp, tmp / "run"), progress=False)
+    return tmp / "run"
+
+
+def test_reconstruction_loss_falls(full_run: Path) -> None:
+    lines = json.loads("[" + ",".join((full_run / "metrics.jsonl").read_text().splitlines()) + "]")
+    assert [m["step"] for m in lines] == list(range(1, 31))
+    assert set(lines[0]) == {"step", "loss", "rec_loss", "kl_loss", "lr", "grad_norm", "samples_per_s"}
+    assert lines[0]["lr"] == pytest.approx(5e-3 / 5) and lines[4]["lr"] == pytest.approx(5e-3)
+    first = np.mean([m["rec_loss"] for m in lines[:5]])
+    last = np.mean([m["rec_loss"] for m in lines[-5:]])
+    assert last < 0.75 * first, f"reconstruction loss fell only from {first:.4f} (steps 1-5) to {last:.4f} (26-30)"
+    report = json.loads((full_run / "report.json").read_text())
+    assert report["step"] == 30 and report["heldout_images"] == 32
+    assert 10 < report["psnr_db"] < 60, report
+    # keep_last = 2: the step-10 checkpoint was dropped.
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
+
+
+def test_resume_after_interruption_is_bit_identical(full_run: Path, tmp_path: Path) -> None:
+    config = load(tmp_path, tmp_path / "run")
+
+    def interrupt(step: int, line: dict) -> None:
+        if step == 25:  # past the step-20 checkpoint: steps 21-25 must be redone and their lines replaced
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(config, progress=False, on_step=interrupt)
+    assert len(metrics(tmp_path / "run")) == 25
+    assert not (tmp_path / "run" / "export").exists()
+
+    train_vae(config, resume=True, progress=False)
+    assert metrics(tmp_path / "run") == metrics(full_run)
+    a = AutoencoderKL.from_pretrained(full_run / "export").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "run" / "export").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["scaling_factor"] == \
+        json.loads((full_run / "report.json").read_text())["scaling_factor"]
+
+
+def test_export_carries_the_latent_normalisation(full_run: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(full_run / "export")
+    report = json.loads((full_run / "report.json").read_text())
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (report["shift_factor"], report["scaling_factor"])
+    raw_mean, raw_std = report["latent_mean_std"]
+    assert abs(raw_mean) > 0.05 or abs(raw_std - 1) > 0.2, "raw latents already unit-scale: the test proves nothing"
+
+    def images(seed: int, n: int) -> torch.Tensor:
+        stream = iter(ShapesDataset(size=32, seed=seed))
+        return torch.stack([next(stream)["pixels"] for _ in range(n)])
+
+    with torch.no_grad():
+        heldout = vae.to_latents(images(1, 32), sample=False)  # the images the factors were measured on
+        fresh = vae.to_latents(images(7, 32), sample=False)  # images neither trained on nor measured
+    assert abs(heldout.mean().item()) < 1e-4 and abs(heldout.std().item() - 1) < 1e-4
+    assert abs(fresh.mean().item()) < 0.15 and abs(fresh.std().item() - 1) < 0.15, \
+        f"fresh images: latent mean {fresh.mean().item():.3f}, std {fresh.std().item():.3f}"
+
+
+def test_trains_on_an_image_folder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for folder, n in (("train", 6), ("heldout", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):  # non-square images: they are centre-cropped and resized to 32 px
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+            (tmp_path / folder / f"{i}.txt").write_text("noise")
+    extra = f'steps = 5\n'
+    text = TINY_TOML.format(run_dir=tmp_path / "run").replace("steps = 30\n", extra).replace(
+        'source = "shapes"', f'source = "{tmp_path / "train"}"\nheldout_source = "{tmp_path / "heldout"}"')
+    (tmp_path / "vae.toml").write_text(text.replace("batch_size = 8", "batch_size = 4"))
+    export = train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"), progress=False)
+    assert len(metrics(tmp_path / "run")) == 5  # 20 samples from 6 images: the epochs wrap around
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["heldout_images"] == 3
+    assert AutoencoderKL.from_pretrained(export).config.resolution == 32
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: "lerning_rate = 1e-3\n" + t, "'lerning_rate'"),
+    (lambda t: t.replace("noise_max = 0.3", "noise_max = 0.3\nl3 = 1.0"), "'loss.l3'"),
+    (lambda t: t.replace("steps = 30", "steps = 0"), "'steps' must be positive"),
+    (lambda t: t.replace("steps = 30", 'steps = "30"'), "'steps' must be an integer"),
+    (lambda t: t.replace('source = "shapes"', 'source = "/no/such/images"\nheldout_source = "/no/such/h"'),
+     "/no/such/images does not exist"),
+    (lambda t: t.replace('source = "shapes"', 'source = "/no/such/images"'), "'data.heldout_source' is required"),
+    (lambda t: t.replace("ch = 32", "ch = 16"), "multiple of 32"),
+    (lambda t: t.replace("image_size = 32", "image_size = 36"), "data.image_size 36 must be a multiple of 8"),
+    (lambda t: t.replace("z_channels = 16", "z_channels = 16\nscaling_factor = 0.5"), "computed"),
+])
+def test_bad_config_fails_before_any_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, edit,
+                                             message: str) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for a bad config")
+
+    monkeypatch.setattr(vae_training, "AutoencoderKL", no_model)
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(TINY_TOML.format(run_dir=tmp_path / "run")))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train_vae(VAETrainConfig.from_toml(path), progress=False)
+    assert main(["train-vae", str(path)]) == 2  # the CLI: one line naming the problem, no traceback
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_to_overwrite_or_resume_a_changed_run(full_run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vae_training, "AutoencoderKL", None)  # any use of it would fail loudly
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_vae(load(tmp_path, full_run), progress=False)
+    changed = VAETrainConfig.from_toml(write_config(tmp_path, full_run).rename(tmp_path / "x.toml"))
+    changed.lr = 1e-4
+    with pytest.raises(ConfigError, match=r"config changed since its checkpoint in \['lr'\]"):
+        train_vae(changed, resume=True, progress=False)
