@@ -42,7 +42,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, metavar="DIR",
                    help="model folder (official layout; default: the shipped shapes-world model)")
-    p.add_argument("--vae", type=Path, default=None, metavar="DIR", help="VAE folder (default: from the model's config)")
+    p.add_argument("--vae", type=Path, default=None, metavar="DIR",
+                   help="VAE folder (default: from the model's config)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: CUDA if present)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: by device)")
 
@@ -99,7 +100,7 @@ def read_jsonl(path: Path, fields: Sequence[str]) -> list[dict[str, str]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with {', '.join(fields)}")
+            raise TypeError(f"{where}: expected a JSON object with {', '.join(fields)}")
         missing = [f for f in fields if f not in row]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(repr(m) for m in missing)}")

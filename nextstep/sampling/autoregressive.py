@@ -69,7 +69,8 @@ def generate_tokens(
     key_valid[:, :T] = attention_mask.bool()
     rope = rope_tables(torch.arange(max_len, device=device), model.config.head_dim, model.config.rope_theta, dtype)
     prepared = sampler.prepare(model.image_head.net, device, dtype)
-    noise = noise.to(device, dtype)
+    noise = noise.to(device)
+    slots = torch.arange(T, max_len + 1, device=device)  # where token k is fed back: no host copy per step
 
     h = prefill(model, model.embed(input_ids, latents), key_valid, cache, rope)
     tokens = []
@@ -86,5 +87,5 @@ def generate_tokens(
             trace.setdefault("sample_out", []).append(out)
         if k + 1 < n_tokens:
             embed = model.image_in_projector(token).repeat(groups, 1)
-            h = decode_one_token(model, embed, torch.tensor([T + k], device=device), key_valid, cache, rope)
+            h = decode_one_token(model, embed, slots[k: k + 1], key_valid, cache, rope)
     return torch.stack(tokens, dim=1)

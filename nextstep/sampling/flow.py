@@ -140,16 +140,19 @@ class PreparedSampler:
         Returns (B, token_dim) in c's dtype.
         """
         mod = self.net.modulation(self.t_emb, c)  # every step's adaLN parameters, in one matmul
+        dtype = c.dtype
 
         def velocity(x: Tensor, step: int) -> Tensor:
-            return guide(self.net.velocity(x, mod[step], groups), groups, cfg, cfg_img)
+            return guide(self.net.velocity(x.to(dtype), mod[step], groups), groups, cfg, cfg_img).float()
 
-        x = noise[0]
+        # The state is integrated in float32 whatever the model's dtype (a no-op for fp32 models),
+        # so bf16 rounding does not accumulate over the steps.
+        x = noise[0].float()
         for i, (a, b, sigma) in enumerate(self.coefs):
             v = velocity(x, i)
             x = torch.add(x * a, v, alpha=b) if a != 1.0 else x.add(v, alpha=b)
             if sigma:
-                x = x.add_(noise[i + 1], alpha=sigma)
+                x = x.add_(noise[i + 1].float(), alpha=sigma)
         if self.sampler.kind == "euler_maruyama":  # the reference ends with one deterministic step
             x = x.add(velocity(x, len(self.coefs)), alpha=self.sampler.last_step_size)
-        return x.to(c.dtype)
+        return x.to(dtype)
