@@ -345,7 +345,8 @@ BAD = {
         lambda w: ["edit", "--prompts", jsonl(w, EDIT_LINE % ("a", "good.png"), EDIT_LINE % ("b", "bad.png")),
                    "--out-dir", "out"], "cannot read input image bad.png"),
     "eval count": (lambda w: ["eval", "shapes", "--per-category", "0"], "N must be >= 1"),
-    "eval out is a file": (lambda w: ["eval", "edits", "--out", "good.png"], "--out good.png exists and is not a folder"),
+    "eval out is a file": (lambda w: ["eval", "edits", "--out", "good.png"],
+                           "--out good.png exists and is not a folder"),
 }
 
 

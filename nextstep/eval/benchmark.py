@@ -6,7 +6,8 @@ shapes-world.md, drawn by the caption grammar with the benchmark's colour rule
 (colours only in `colors` and `color_attr`), all on a light background; n
 images per prompt, each judged by `check`. `run_edits_benchmark`: N cases per
 edit kind (recolour, add, remove, background), each a rendered source scene and
-an instruction; n edits per case, judged by `check_edit`. A category's score is
+an instruction as `sample_edit` draws them (1-4 objects, some on a dark
+background); n edits per case, judged by `check_edit`. A category's score is
 the fraction of its images that pass; the overall score is the mean over
 categories.
 

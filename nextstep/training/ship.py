@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..io import load_model, save_model
+from ..pipeline import load_generation_defaults
 from ..text import TextTokenizer
 from ..vae import AutoencoderKL
 
@@ -43,6 +44,7 @@ def ship(export: Path, dest: Path, defaults: dict, card: str) -> int:
         vae.save_pretrained(tmp / "vae")
         (tmp / "generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
         (tmp / "MODEL_CARD.md").write_text(card)
+        load_generation_defaults(tmp)  # refuse to ship defaults the pipeline would not load
         old = dest.with_name(f".{dest.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():

@@ -544,7 +544,7 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
     means = latent_means(model, heldout, config.batch_size).double()
     shift = means.mean().item()
     scale = 1.0 / means.std().item()
-    pass
+    model.config = dataclasses.replace(model.config, shift_factor=shift, scaling_factor=scale)
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
