@@ -137,8 +137,7 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
         for i in range(n):  # non-square images: they are centre-cropped and resized to 32 px
             Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
             (tmp_path / folder / f"{i}.txt").write_text("noise")
-    extra = f'steps = 5\n'
-    text = TINY_TOML.format(run_dir=tmp_path / "run").replace("steps = 30\n", extra).replace(
+    text = TINY_TOML.format(run_dir=tmp_path / "run").replace("steps = 30\n", "steps = 5\n").replace(
         'source = "shapes"', f'source = "{tmp_path / "train"}"\nheldout_source = "{tmp_path / "heldout"}"')
     (tmp_path / "vae.toml").write_text(text.replace("batch_size = 8", "batch_size = 4"))
     export = train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"), progress=False)

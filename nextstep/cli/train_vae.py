@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.vae import VAETrainConfig, train_vae  # import torch only when a command runs
+    # Imported here so that `nextstep --help` does not import torch.
+    from ..training.vae import VAETrainConfig, train_vae
 
     config = VAETrainConfig.from_toml(args.config)
     export = train_vae(config, resume=args.resume, progress=not args.no_progress)

@@ -140,18 +140,22 @@ class FlowHead(nn.Module):
         self.batch_mul = batch_mul
 
     def loss(self, target: Tensor, c: Tensor, mask: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             tokens_per_image: list[int] | None = None) -> Tensor:
         """Flow-matching MSE for tokens `target` (N, D) conditioned on `c` (N, cond_dim).
 
         Every token is repeated `batch_mul` times with its own noise and time, a
         cheap way to get more head updates per decoder pass. Noise and times are
-        drawn on the CPU generator (noise first, then t) so a seed means the same
-        thing on every device; t is logit-normal.
+        drawn on the CPU (noise first, then t) so a seed means the same thing on
+        every device; t is logit-normal. `generator` may be one generator per
+        image (with `tokens_per_image`): then each image's draws depend on its
+        own generator only, whatever else shares the batch.
         """
         m = self.batch_mul
         target, c = target.repeat(m, 1), c.repeat(m, 1)
-        noise = torch.randn(target.shape, generator=generator).to(target.device, target.dtype)
-        t = torch.sigmoid(torch.normal(0.0, 1.0, size=(target.shape[0],), generator=generator)).to(target.device)
+        noise, u = _draw_noise(m, target.shape[-1], generator, tokens_per_image, target.shape[0] // m)
+        noise = noise.to(target.device, target.dtype)
+        t = torch.sigmoid(u).to(target.device)
         t_col = t[:, None].to(target.dtype)
         x_t = t_col * target + (1 - t_col) * noise
         per_row = (self.net(x_t, t, c).float() - (target - noise).float()).pow(2).mean(dim=-1)
@@ -159,3 +163,17 @@ class FlowHead(nn.Module):
             return per_row.mean()
         mask = mask.repeat(m).to(per_row.dtype)
         return (per_row * mask).sum() / (mask.sum() + 1e-8)
+
+
+def _draw_noise(m: int, dim: int, generator: torch.Generator | list[torch.Generator] | None,
+                tokens_per_image: list[int] | None, n_tokens: int) -> tuple[Tensor, Tensor]:
+    """Noise (m * N, dim) and logit-normal pre-activations u (m * N,), rows laid out copy-major."""
+    if not isinstance(generator, list):
+        return (torch.randn((m * n_tokens, dim), generator=generator),
+                torch.normal(0.0, 1.0, size=(m * n_tokens,), generator=generator))
+    if tokens_per_image is None or len(tokens_per_image) != len(generator) or sum(tokens_per_image) != n_tokens:
+        raise ValueError("one generator per image needs tokens_per_image matching the image tokens")
+    draws = [(torch.randn((m, n, dim), generator=g), torch.normal(0.0, 1.0, size=(m, n), generator=g))
+             for g, n in zip(generator, tokens_per_image)]
+    return (torch.cat([d[0] for d in draws], dim=1).reshape(m * n_tokens, dim),
+            torch.cat([d[1] for d in draws], dim=1).reshape(m * n_tokens))

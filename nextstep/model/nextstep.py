@@ -151,7 +151,7 @@ class NextStep(nn.Module):
         latents_mask: Tensor | None = None,
         attention_mask: Tensor | None = None,
         condition_with_projector: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> LossOutput:
         """Training loss: lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image tokens).
 
@@ -162,6 +162,7 @@ class NextStep(nn.Module):
         (the 2025 reference skipped it when training: pass
         `condition_with_projector=False` to reproduce that).
         `latents_mask` (one 0/1 per image) drops images from the MSE.
+        `generator`: one for all random draws, or one per image (see `FlowHead.loss`).
         """
         cfg = self.config
         hidden = self.forward_hidden(input_ids, attention_mask, latents)[:, :-1]
@@ -182,7 +183,7 @@ class NextStep(nn.Module):
             if latents_mask is not None:
                 counts = torch.tensor(self._tokens_per_image(latents), device=latents_mask.device)
                 mask = latents_mask.reshape(-1).repeat_interleave(counts)
-            im_loss = self.image_head.loss(target, c, mask, generator)
+            im_loss = self.image_head.loss(target, c, mask, generator, self._tokens_per_image(latents))
         loss = cfg.lm_loss_weight * lm_loss + cfg.im_loss_weight * im_loss
         return LossOutput(loss, lm_loss, im_loss)
 

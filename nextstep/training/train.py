@@ -8,10 +8,16 @@ autocast on GPU and fp32 on CPU. Every step appends a line to
 position and step, so `--resume` continues exactly where a run stopped (on
 the CPU the resumed losses are bit-identical to an uninterrupted run's).
 Under torchrun the model is sharded with FSDP2 (see `distributed.py`).
+
+N ranks compute what one process does with the same global batch (up to
+float rounding): each loss term is the mean over the whole global batch (every
+rank and micro-batch, weighted by tokens, see `loss_counts`), and every random
+draw is a function of the samples, never of the rank (see `sample_latents`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import NextStepConfig
-from ..data import Collator, ShapesDataset, encode_images, open_dataset
+from ..data import Collator, ShapesDataset, open_dataset
+from ..data.buckets import TOKEN_PIXELS
 from ..io import load_model
 from ..io.atomic import atomic_write
 from ..model import NextStep
@@ -36,7 +43,7 @@ from ..text import TextTokenizer
 from ..text.train_tokenizer import shapes_tokenizer
 from ..vae import AutoencoderKL
 from . import distributed as dist
-from .checkpoint import CheckpointManager, flatten_optimizer, unflatten_optimizer
+from .checkpoint import CheckpointManager
 from .config import TrainConfig
 
 logger = logging.getLogger("nextstep.training")
@@ -125,6 +132,65 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def draw_seed(*parts: Any) -> int:
+    """A 63-bit seed from `parts` (the same in every process, unlike hash())."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def image_generators(batch: dict[str, Any], boi_id: int, seed: int, step: int, purpose: str
+                     ) -> list[torch.Generator]:
+    """One generator per image of the batch, seeded by (seed, step, purpose, sample key, image index).
+
+    An image then gets the same random draws whichever rank, micro-batch or
+    batch position it lands in: that is what lets N ranks reproduce one process.
+    """
+    images_per_row = (batch["input_ids"] == boi_id).sum(1).tolist()
+    if sum(images_per_row) != len(batch["pixel_values"]):
+        raise ValueError(f"the batch has {len(batch['pixel_values'])} images but {sum(images_per_row)} "
+                         "begin-of-image tokens")
+    return [torch.Generator().manual_seed(draw_seed(seed, step, purpose, key, j))
+            for key, n in zip(batch["keys"], images_per_row) for j in range(n)]
+
+
+@torch.no_grad()
+def sample_latents(vae: AutoencoderKL, pixel_values: list[torch.Tensor], generators: list[torch.Generator]
+                   ) -> torch.Tensor | list[torch.Tensor]:
+    """Scaled VAE latents of the images, each posterior sampled with its own generator.
+
+    Images of one size are encoded in one batched call; only the noise is per image.
+    """
+    device = next(vae.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(pixel_values)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pixel_values):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    for idx in by_shape.values():
+        posterior = vae.encode(torch.cat([pixel_values[i] for i in idx]).to(device, torch.float32))
+        for j, i in enumerate(idx):
+            eps = torch.randn(posterior.mean.shape[1:], generator=generators[i]).to(device)
+            out[i] = ((posterior.mean[j] + posterior.std[j] * eps - shift) * scale)[None]
+    return torch.cat(out) if len(by_shape) == 1 else out
+
+
+def loss_counts(batch: dict[str, Any], placeholder_id: int) -> dict[str, float]:
+    """How many terms each loss of `NextStep.forward` averages over for `batch`.
+
+    lm: text targets (positions whose next token is scored by cross-entropy);
+    im: image tokens entering the flow-matching loss (latents_mask 1).
+    """
+    next_ids, next_labels = batch["input_ids"][:, 1:], batch["labels"][:, 1:]
+    lm = ((next_labels != -100) & (next_ids != placeholder_id)).sum().item()
+    tokens = [p.shape[-2] * p.shape[-1] // TOKEN_PIXELS**2 for p in batch["pixel_values"]]
+    im = sum(float(m) * n for m, n in zip(batch["latents_mask"].tolist(), tokens))
+    return {"lm": float(lm), "im": im}
+
+
+def share(count: float, total: float) -> float:
+    return count / total if total else 0.0
+
+
 def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, config: TrainConfig,
                  path: Path) -> None:
     """A row of images for the fixed sample prompts, as one PNG."""
@@ -166,8 +232,8 @@ def tensorboard_writer(out: Path, enabled: bool):
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run one stage; returns the exported model folder (official layout)."""
+    config.check(dist.requested_world_size())  # before joining the ranks or building anything
     env = dist.setup()
-    config.check(env.world_size)
     device = env.device
     out = Path(config.out_dir)
     ckpts = CheckpointManager(out, config.train.keep_last)
@@ -190,22 +256,19 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     o = config.optim
     optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    # One generator for every random draw of training (VAE samples, flow noise and times).
-    generator = torch.Generator().manual_seed(config.seed * 1000 + env.rank)
+    lm_w, im_w = model.config.lm_loss_weight, model.config.im_loss_weight
+    sample_dtype = torch.bfloat16 if use_bf16 else torch.float32  # of rank 0's copy under torchrun
 
     start = 0
     if resume:
-        loaded = dist.load_checkpoint(ckpts, trained, env)
-        if loaded is not None:
-            tensors, meta = loaded
-            optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        meta = dist.load_checkpoint(ckpts, trained, optimizer, env)
+        if meta is not None:
             scheduler.load_state_dict(meta["scheduler"])
-            generator.set_state(tensors["rng.generator"])
-            torch.set_rng_state(tensors["rng.torch"])
-            batches.load_state_dict(meta["data"][env.rank] if env.world_size > 1 else meta["data"])
+            batches.load_state_dict(dist.data_position(meta, env))
             start = meta["step"]
             logger.info("resumed from step %d", start)
-        truncate_metrics(out / "metrics.jsonl", start)
+        if env.is_main:
+            truncate_metrics(out / "metrics.jsonl", start)
     writer = tensorboard_writer(out, config.train.tensorboard and env.is_main)
 
     trained.train()
@@ -213,19 +276,25 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     desc=f"{config.stage}")
     for step in progress:
         t0 = time.perf_counter()
+        micro_batches = [batches.next(step, micro) for micro in range(accum)]
+        counts = [loss_counts(b, tokenizer.placeholder_id) for b in micro_batches]
+        total = dist.sum_over_ranks({k: sum(c[k] for c in counts) for k in ("lm", "im")}, env)
         sums = {"loss": 0.0, "lm_loss": 0.0, "im_loss": 0.0}
-        n_samples = 0
-        for micro in range(accum):
-            batch = batches.next(step, micro)
-            latents = encode_images(vae, batch["pixel_values"], generator=generator)
+        for batch, count in zip(micro_batches, counts):
+            latents = sample_latents(vae, batch["pixel_values"],
+                                     image_generators(batch, tokenizer.boi_id, config.seed, step, "vae"))
             with autocast:
                 losses = trained(batch["input_ids"].to(device), batch["labels"].to(device), latents,
                                  batch["latents_mask"].to(device), batch["attention_mask"].to(device),
-                                 generator=generator)
-            (losses.loss / accum).backward()
-            for k in sums:
-                sums[k] += getattr(losses, k).item() / accum
-            n_samples += len(batch["input_ids"])
+                                 generator=image_generators(batch, tokenizer.boi_id, config.seed, step, "flow"))
+            # This pass's share of the global-batch mean of each term; times the rank count
+            # because FSDP averages the ranks' gradients.
+            lm = losses.lm_loss * share(count["lm"], total["lm"])
+            im = losses.im_loss * share(count["im"], total["im"])
+            loss = lm_w * lm + im_w * im
+            (loss * env.world_size).backward()
+            for k, v in (("loss", loss), ("lm_loss", lm), ("im_loss", im)):
+                sums[k] += v.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), o.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -233,8 +302,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        sums = dist.mean_over_ranks(sums, env)
+        sums = dist.sum_over_ranks(sums, env)
         if env.is_main and (done % config.train.log_every == 0 or done == config.steps):
+            n_samples = sum(len(b["input_ids"]) for b in micro_batches)
             record = {"step": done, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "samples_per_s": n_samples * env.world_size / (time.perf_counter() - t0)}
             with open(out / "metrics.jsonl", "a") as f:
@@ -245,20 +315,19 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                         writer.add_scalar(k, v, done)
             progress.set_postfix(loss=f"{sums['loss']:.4f}", im=f"{sums['im_loss']:.4f}")
         if done % config.train.checkpoint_every == 0 or done == config.steps:
-            opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
-            tensors = {**opt_tensors, "rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
-            data_state = dist.gather_objects(batches.state_dict(), env)
-            meta = {"optimizer": opt_rest, "scheduler": scheduler.state_dict(),
-                    "data": data_state if env.world_size > 1 else batches.state_dict(), "stage": config.stage}
-            dist.save_checkpoint(ckpts, done, trained, tensors, meta, env)
-        if env.is_main and config.train.sample_every and done % config.train.sample_every == 0:
-            save_samples(model, vae, tokenizer, config, out / "samples" / f"step_{done:08d}.png")
+            meta = {"scheduler": scheduler.state_dict(), "stage": config.stage}
+            dist.save_checkpoint(ckpts, done, trained, optimizer, meta, batches.state_dict(), env)
+        if config.train.sample_every and done % config.train.sample_every == 0:
+            full = dist.full_model(trained, model, env, device, sample_dtype)  # all ranks take part
+            if env.is_main:
+                save_samples(full, vae, tokenizer, config, out / "samples" / f"step_{done:08d}.png")
 
     export = out / "export"
-    final_model = dist.full_model(trained, model, env)
+    final_model = dist.full_model(trained, model, env)  # under torchrun: rank 0's fp32 copy on the CPU
     if env.is_main:
-        pipe = NextStepPipeline(final_model.eval(), vae, tokenizer)
-        pipe.save_pretrained(export)
+        NextStepPipeline(final_model.eval(), vae, tokenizer).save_pretrained(export)
+        if env.distributed:
+            final_model = final_model.to(device, sample_dtype)
         save_samples(final_model, vae, tokenizer, config, out / "samples" / "final.png")
         atomic_write(out / "DONE", lambda tmp: Path(tmp).write_text(f"{config.steps}\n"))
     if writer is not None:

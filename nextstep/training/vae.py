@@ -125,6 +125,11 @@ class VAETrainConfig:
     threads: int = 0  # torch CPU threads while training; 0 leaves torch's setting
 
     def __post_init__(self) -> None:
+        # Built in Python rather than from TOML: accept plain dicts for the sections too.
+        if isinstance(self.data, dict):
+            self.data = build(DataConfig, self.data, "data")
+        if isinstance(self.loss, dict):
+            self.loss = build(LossConfig, self.loss, "loss")
         positive = ("steps", "batch_size", "checkpoint_every", "keep_last", "lr")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -190,7 +195,7 @@ class VAETrainConfig:
         return cfg
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> "VAETrainConfig":
+    def from_toml(cls, path: str | os.PathLike) -> VAETrainConfig:
         """Read a config file; unknown keys, wrong types and bad values raise ConfigError naming the key."""
         data = read_toml(path)
         try:
