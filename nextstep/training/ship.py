@@ -1,10 +1,11 @@
-"""Package a trained model for shipping: bf16 weights in the official layout, defaults, a model card.
+"""Package a trained model for shipping: the official layout, generation defaults, a model card.
 
-`python -m nextstep.training.ship EXPORT DEST --report eval/shapes/report.json ...`
-copies a finished run's export (model, tokenizer, VAE) to DEST with every
-floating-point tensor stored in bfloat16 (half the bytes; the pipeline loads
-them in its own dtype), writes `generation_defaults.json` (what the
-command line and `pipe(...)` use when not told otherwise) and `MODEL_CARD.md`.
+`python -m nextstep.training.ship EXPORT DEST --defaults D.json --card CARD.md [--dtype bfloat16]`
+copies a finished run's export (model, tokenizer, VAE) to DEST, its
+floating-point tensors stored in `--dtype` (float32 keeps the trained weights
+exactly; bfloat16 halves the bytes, and the pipeline loads either in its own
+dtype), and writes `generation_defaults.json` (what the command line and
+`pipe(...)` use when not told otherwise) and `MODEL_CARD.md`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def ship(export: Path, dest: Path, defaults: dict, card: str) -> int:
+def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype = torch.float32) -> int:
     """Write the shipped model to `dest` (replaced as a whole); returns its size in bytes."""
     cpu = torch.device("cpu")
-    model = load_model(export, cpu, torch.bfloat16)
+    model = load_model(export, cpu, dtype)
     vae_dir = export / (model.config.vae_name_or_path or "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.bfloat16, family=model.config.family)
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, family=model.config.family)
     tokenizer = TextTokenizer.from_pretrained(export)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and swap it in, so an interrupted ship never leaves half a model.
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", type=Path, help="where the shipped model goes (e.g. nextstep/assets/shapes)")
     p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json to ship")
     p.add_argument("--card", type=Path, required=True, help="MODEL_CARD.md to ship")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
     args = p.parse_args(argv)
-    size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text())
+    size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
+                getattr(torch, args.dtype))
     print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")
     return 0
 

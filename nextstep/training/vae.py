@@ -6,9 +6,10 @@ What one step does (read `train_vae` top to bottom):
    with `encoder_norm` the mean is layer-normalised over channels (per `psz`
    patch), the paper's channel-wise normalisation that keeps latents unit-scale;
 2. draw z = mean + std * eps from the posterior;
-3. noise regularisation (NextStep-1, sec. 2, after sigma-VAE): z' = z + alpha * s * eps',
-   eps' ~ N(0, I), alpha ~ U[0, gamma] drawn once per image, gamma = `loss.noise_max`,
-   s = the image's latent std (no gradient). With `encoder_norm` (the paper's
+3. noise regularisation (the NextStep-1 paper's image tokenizer, after
+   sigma-VAE): z' = z + alpha * s * eps', eps' ~ N(0, I), alpha ~ U[0, gamma]
+   drawn once per image, gamma = `loss.noise_max`, s = the image's latent std
+   (no gradient). With `encoder_norm` (the paper's
    channel-wise normalisation) s is ~1, which is the paper's formula; see
    `perturb` for why s is there. The decoder learns to reconstruct from
    perturbed latents, so small errors in the tokens a generator predicts decode
