@@ -130,20 +130,33 @@ def test_export_carries_the_latent_normalisation(full_run: Path) -> None:
         f"fresh images: latent mean {fresh.mean().item():.3f}, std {fresh.std().item():.3f}"
 
 
-def test_trains_on_an_image_folder(tmp_path: Path) -> None:
+def test_trains_on_an_image_folder_and_resumes_at_an_epoch_end(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for folder, n in (("train", 6), ("heldout", 3)):
         (tmp_path / folder).mkdir()
         for i in range(n):  # non-square images: they are centre-cropped and resized to 32 px
             Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
             (tmp_path / folder / f"{i}.txt").write_text("noise")
-    text = TINY_TOML.format(run_dir=tmp_path / "run").replace("steps = 30\n", "steps = 5\n").replace(
+    text = TINY_TOML.replace("steps = 30", "steps = 5").replace("batch_size = 8", "batch_size = 3").replace(
+        "checkpoint_every = 10", "checkpoint_every = 2").replace(
         'source = "shapes"', f'source = "{tmp_path / "train"}"\nheldout_source = "{tmp_path / "heldout"}"')
-    (tmp_path / "vae.toml").write_text(text.replace("batch_size = 8", "batch_size = 4"))
-    export = train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"), progress=False)
-    assert len(metrics(tmp_path / "run")) == 5  # 20 samples from 6 images: the epochs wrap around
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["heldout_images"] == 3
+    configs = []
+    for name in ("full", "cut"):
+        (tmp_path / f"{name}.toml").write_text(text.format(run_dir=tmp_path / name))
+        configs.append(VAETrainConfig.from_toml(tmp_path / f"{name}.toml"))
+    export = train_vae(configs[0], progress=False)
+    assert len(metrics(tmp_path / "full")) == 5  # 15 samples from 6 images: the epochs wrap around
+    assert json.loads((tmp_path / "full" / "report.json").read_text())["heldout_images"] == 3
     assert AutoencoderKL.from_pretrained(export).config.resolution == 32
+
+    def interrupt(step: int, line: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the step-2 checkpoint sits exactly at the end of epoch 0
+        train_vae(configs[1], progress=False, on_step=interrupt)
+    train_vae(configs[1], resume=True, progress=False)
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
 
 
 @pytest.mark.parametrize("edit, message", [

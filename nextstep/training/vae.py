@@ -71,7 +71,8 @@ from .config_file import build, read_toml, to_dict
 METRICS = "metrics.jsonl"
 REPORT = "report.json"
 EXPORT = "export"
-# Keys that may change between a run and its resume without changing the steps already taken.
+# Keys that may change between a run and its resume without changing the steps already taken
+# (a new `steps` stretches the cosine schedule from the resumed step on).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "heldout", "data.heldout_source",
                      "data.heldout_seed"}
 # Fields of the VAE config the training computes itself.
@@ -258,6 +259,8 @@ def _samples(dataset) -> Iterator[Tensor]:
     from ..data.stream import DataError, is_bookkeeping
 
     while True:
+        # A resume can land at the very end of an epoch: then nothing is left to read in it.
+        fresh = not dataset.done
         got = 0
         for sample in dataset:
             dataset.mark_consumed(sample)
@@ -265,7 +268,7 @@ def _samples(dataset) -> Iterator[Tensor]:
                 continue
             got += 1
             yield sample["pixels"]
-        if got == 0:
+        if got == 0 and fresh:
             raise DataError(f"the training data ({type(dataset).__name__}) gave no usable image in a whole epoch")
         dataset.set_epoch(dataset.epoch + 1)
 
