@@ -138,6 +138,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[data]\nsources = [{ kind = "files", path = "/no/such/shards" }]\n', "does not exist"),
     ("[data]\nbatch_size = 6\n[optim]\ngrad_accum = 4\n", "not divisible by 1 ranks x 4 accumulation steps"),
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
+    ('[model]\nlm_init = "/no/qwen"\n', "lm_init='/no/qwen' does not exist"),
     ("[optim]\nlr = \"fast\"\n", "lr='fast' should be a float"),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path, text, message):

@@ -33,6 +33,7 @@ class ModelSection:
 
     tokenizer: str = "shapes"  # a folder with tokenizer.json, or "shapes" to build the shapes-world BPE
     vae: str = ""  # a VAE folder (official layout)
+    lm_init: str = ""  # optional: a Qwen2 / Llama folder (e.g. Qwen2.5-14B) to start the decoder from
     config: dict[str, Any] = field(default_factory=dict)  # NextStepConfig fields
 
 
@@ -154,6 +155,8 @@ class TrainConfig:
                 problems.append(f"model.tokenizer={self.model.tokenizer!r} has no tokenizer.json")
             if not Path(self.model.vae, "config.json").is_file():
                 problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run the VAE stage first)")
+            if self.model.lm_init and not Path(self.model.lm_init).is_dir():
+                problems.append(f"model.lm_init={self.model.lm_init!r} does not exist")
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
 

@@ -36,6 +36,7 @@ from ..config import NextStepConfig
 from ..data import Collator, ShapesDataset, open_dataset
 from ..data.buckets import TOKEN_PIXELS
 from ..io import load_model
+from ..io.checkpoint import load_language_model
 from ..io.atomic import atomic_write
 from ..model import NextStep
 from ..pipeline import NextStepPipeline
@@ -72,6 +73,11 @@ def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, Te
         torch.manual_seed(config.seed)
         model = NextStep(model_config).to(device)
         model.init_weights(generator=torch.Generator(device=device).manual_seed(config.seed))
+        if config.model.lm_init:  # the official recipe starts the decoder from Qwen2.5-14B
+            missing = load_language_model(model, config.model.lm_init)
+            if missing:
+                logger.warning("model.lm_init left %d decoder tensors freshly initialised, e.g. %s",
+                               len(missing), missing[:3])
     vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32,
                                         family=model.config.family).requires_grad_(False)
     if vae.config.z_channels != model.config.latent_channels:
