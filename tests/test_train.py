@@ -132,14 +132,14 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("steps = 10\nbogus = 1\n", "unknown keys ['bogus']"),
+    ("steps = 10\nbogus = 1\n", "unknown config key 'bogus'"),
     ("steps = 0\n", "steps=0 (must be >= 1)"),
     ('stage = "dpo"\n', "DPO stage is not available yet"),
     ('[data]\nsources = [{ kind = "files", path = "/no/such/shards" }]\n', "does not exist"),
     ("[data]\nbatch_size = 6\n[optim]\ngrad_accum = 4\n", "not divisible by 1 ranks x 4 accumulation steps"),
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
     ('[model]\nlm_init = "/no/qwen"\n', "lm_init='/no/qwen' does not exist"),
-    ("[optim]\nlr = \"fast\"\n", "lr='fast' should be a float"),
+    ("[optim]\nlr = \"fast\"\n", "config key 'optim.lr' must be a number, got 'fast'"),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -9,18 +9,12 @@ naming them.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config_file import build, read_toml
 
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
 NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
@@ -94,18 +88,14 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
-    source: str = ""  # the file it was read from (not a TOML key)
+    source: str = field(default="", repr=False)  # the file it was read from (not a TOML key)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"training config not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        config = _build(cls, raw, str(path))
+        raw = read_toml(path)
+        if "source" in raw:
+            raise ConfigError(f"{path}: 'source' is not a config key (it records the file a config came from)")
+        config = build(cls, raw)
         config.source = str(path)
         return config
 
@@ -168,32 +158,3 @@ def _exists(path: str) -> bool:
     if "://" in path or "{" in path:
         return True
     return Path(path).exists()
-
-
-def _build(cls, raw: dict[str, Any], where: str):
-    """Dataclass `cls` from a TOML table, refusing unknown keys by their dotted name."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
-        if cls is TrainConfig and name in sub:
-            kwargs[name] = _build(sub[name], value, f"{where} [{name}]")
-        elif cls is DataSection and name == "sources":
-            if not isinstance(value, list):
-                raise ConfigError(f"{where}: sources must be a list of tables")
-            kwargs[name] = [_build(DataSource, v, f"{where} sources[{i}]") for i, v in enumerate(value)]
-        elif name == "betas":
-            kwargs[name] = tuple(value)
-        else:
-            default = getattr(cls(), name)
-            if isinstance(default, bool) != isinstance(value, bool) or (
-                    isinstance(default, (int, float, str)) and not isinstance(value, type(default))
-                    and not (isinstance(default, float) and isinstance(value, int))):
-                raise ConfigError(f"{where}: {name}={value!r} should be a {type(default).__name__}")
-            kwargs[name] = value
-    return cls(**kwargs)
