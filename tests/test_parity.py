@@ -135,7 +135,7 @@ def test_sampler(pipe, expected10, name):
     # The reference draws randn((nr, 64)) per step from torch.manual_seed(0) and tiles it over rows.
     noise = torch.randn((10, nr, 64), generator=torch.Generator().manual_seed(0)).repeat(1, rows // nr, 1)
     with torch.no_grad():
-        out = sampler.prepare(pipe.model.image_head.net, c.device, c.dtype).sample(c, noise, groups, cfg, cfg2)
+        out = sampler.prepare(pipe.model.image_head.net, c.device).sample(c, noise, groups, cfg, cfg2)
     close(out, expected10[f"{name}/out"], COMPONENT_ATOL, "out")
 
 

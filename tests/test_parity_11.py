@@ -108,7 +108,7 @@ def test_sampler(pipe, cases11, expected11, name):
         given = expected11[a["noise"]][None]
         noise = torch.cat([given, e["draws"]]) if "draws" in e else given
     with torch.no_grad():
-        x = sampler.prepare(pipe.model.image_head.net, c.device, c.dtype).sample(c, noise, groups, a["cfg"])
+        x = sampler.prepare(pipe.model.image_head.net, c.device).sample(c, noise, groups, a["cfg"])
     assert_close(x, e["x"], ATOL, "x")
 
 

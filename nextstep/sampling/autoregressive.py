@@ -68,7 +68,7 @@ def generate_tokens(
     key_valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
     key_valid[:, :T] = attention_mask.bool()
     rope = rope_tables(torch.arange(max_len, device=device), model.config.head_dim, model.config.rope_theta, dtype)
-    prepared = sampler.prepare(model.image_head.net, device, dtype)
+    prepared = sampler.prepare(model.image_head.net, device)
     noise = noise.to(device)
     slots = torch.arange(T, max_len + 1, device=device)  # where token k is fed back: no host copy per step
 

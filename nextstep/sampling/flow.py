@@ -116,7 +116,7 @@ class FlowSampler:
             steps.append((float(a), float(b), float(sigma)))
         return steps
 
-    def prepare(self, net: FlowNet, device: torch.device, dtype: torch.dtype) -> "PreparedSampler":
+    def prepare(self, net: FlowNet, device: torch.device) -> "PreparedSampler":
         """Everything that is the same for every token of a generation call, computed once."""
         return PreparedSampler(self, FusedFlowNet(net), device)
 
