@@ -1,6 +1,7 @@
 """Samples -> the model's training inputs, in NextStep-1's sequence format.
 
-Text-to-image row (an image of h x w tokens, h = height / 16):
+Text-to-image row (an image of h x w tokens, h = height / token side in pixels: 16 for
+NextStep's f8 VAE and 2x2 latent patches):
 
     caption + <|image_area|>h*w <|begin_of_image|> + h*w placeholders + <|end_of_image|> + <|endoftext|>
 
@@ -75,7 +76,8 @@ class Collator:
     """`collate_fn` for a DataLoader: a list of samples -> one batch dict (see `__call__`)."""
 
     def __init__(self, tokenizer: TextTokenizer, caption_dropout: float = 0.1, source_dropout: float = 0.0,
-                 seed: int = 0, max_length: int | None = None, add_eos: bool = True) -> None:
+                 seed: int = 0, max_length: int | None = None, add_eos: bool = True,
+                 token_pixels: int = TOKEN_PIXELS) -> None:
         for name, p in (("caption_dropout", caption_dropout), ("source_dropout", source_dropout)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p!r}")
@@ -84,6 +86,7 @@ class Collator:
         self.seed = seed
         self.max_length = max_length
         self.eos = eos_id(tokenizer) if add_eos else None
+        self.token_pixels = token_pixels  # pixels per image token side: VAE factor x latent patch
         self._block = lru_cache(maxsize=64)(self._block_ids)
 
     # ------------------------------------------------------------------ one row
@@ -95,9 +98,10 @@ class Collator:
         if pixels.ndim != 3 or pixels.shape[0] != 3:
             raise ValueError(f"image must be (3, H, W), got {tuple(pixels.shape)}")
         H, W = pixels.shape[1:]
-        if H % TOKEN_PIXELS or W % TOKEN_PIXELS:
-            raise ValueError(f"image of {W}x{H} px: sides must be multiples of {TOKEN_PIXELS}")
-        return self._block(H // TOKEN_PIXELS, W // TOKEN_PIXELS)
+        px = self.token_pixels
+        if H % px or W % px:
+            raise ValueError(f"image of {W}x{H} px: sides must be multiples of {px}")
+        return self._block(H // px, W // px)
 
     def _labels(self, ids: list[int]) -> list[int]:
         t = self.tokenizer

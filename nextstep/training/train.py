@@ -180,7 +180,7 @@ def sample_latents(vae: AutoencoderKL, pixel_values: list[torch.Tensor], generat
     return torch.cat(out) if len(by_shape) == 1 else out
 
 
-def loss_counts(batch: dict[str, Any], placeholder_id: int) -> dict[str, float]:
+def loss_counts(batch: dict[str, Any], placeholder_id: int, token_pixels: int = TOKEN_PIXELS) -> dict[str, float]:
     """How many terms each loss of `NextStep.forward` averages over for `batch`.
 
     lm: text targets (positions whose next token is scored by cross-entropy);
@@ -188,7 +188,7 @@ def loss_counts(batch: dict[str, Any], placeholder_id: int) -> dict[str, float]:
     """
     next_ids, next_labels = batch["input_ids"][:, 1:], batch["labels"][:, 1:]
     lm = ((next_labels != -100) & (next_ids != placeholder_id)).sum().item()
-    tokens = [p.shape[-2] * p.shape[-1] // TOKEN_PIXELS**2 for p in batch["pixel_values"]]
+    tokens = [p.shape[-2] * p.shape[-1] // token_pixels**2 for p in batch["pixel_values"]]
     im = sum(float(m) * n for m, n in zip(batch["latents_mask"].tolist(), tokens))
     return {"lm": float(lm), "im": im}
 
@@ -257,7 +257,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     accum = config.optim.grad_accum
     per_rank = config.data.batch_size // (env.world_size * accum)
-    collator = Collator(tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed)
+    token_pixels = vae.down_factor * model.config.latent_patch_size
+    collator = Collator(tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed,
+                        token_pixels=token_pixels)
     batches = Batches(config, collator, per_rank, env.rank, env.world_size)
     o = config.optim
     optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -283,7 +285,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     for step in progress:
         t0 = time.perf_counter()
         micro_batches = [batches.next(step, micro) for micro in range(accum)]
-        counts = [loss_counts(b, tokenizer.placeholder_id) for b in micro_batches]
+        counts = [loss_counts(b, tokenizer.placeholder_id, token_pixels) for b in micro_batches]
         total = dist.sum_over_ranks({k: sum(c[k] for c in counts) for k in ("lm", "im")}, env)
         sums = {"loss": 0.0, "lm_loss": 0.0, "im_loss": 0.0}
         for batch, count in zip(micro_batches, counts):
