@@ -10,7 +10,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/device-out}
-TRAIN_S=${TRAIN_S:-380}     # seconds of training per variant (both run at once)
+TRAIN_S=${TRAIN_S:-360}     # seconds of training per variant (both run at once)
 PROBE_STEPS=${PROBE_STEPS:-40}
 BATCH=${BATCH:-256}
 WORKERS=${WORKERS:-3}       # loader workers per data source
@@ -95,23 +95,24 @@ finish() {  # a run the timeout cut short: export it from its newest checkpoint
 finish A & finish B & wait
 tail -c 300 "$W/A.log" "$W/B.log"; echo
 
+say "packing the exports"
+for v in A B; do
+  [ -d "$W/$v/export" ] && tar cf - -C "$W/$v" --exclude=export/vae export | split -b 15m - "$OUT/$v.export.tar.part-"
+done
 say "evaluation"
 for v in A B; do
   if [ -d "$W/$v/export" ]; then
     cp recipes/shapes/generation_defaults.json "$W/$v/export/"
-    ( $PY -m nextstep eval shapes --model "$W/$v/export" --out "$W/$v-eval-shapes" --per-category "$EVAL_N" \
+    ( timeout 90 $PY -m nextstep eval shapes --model "$W/$v/export" --out "$W/$v-eval-shapes" --per-category "$EVAL_N" \
         --batch-size 60 > "$W/$v-eval-shapes.log" 2>&1
-      $PY -m nextstep eval edits --model "$W/$v/export" --out "$W/$v-eval-edits" --per-kind "$EVAL_N" \
+      timeout 60 $PY -m nextstep eval edits --model "$W/$v/export" --out "$W/$v-eval-edits" --per-kind "$EVAL_N" \
         --batch-size 60 > "$W/$v-eval-edits.log" 2>&1 ) &
   fi
 done
 wait
 for v in A B; do tail -n 12 "$W/$v-eval-shapes.log" "$W/$v-eval-edits.log" 2>/dev/null; done
 
-say "packing"
-for v in A B; do
-  [ -d "$W/$v/export" ] && tar cf - -C "$W/$v" --exclude=export/vae export | split -b 15m - "$OUT/$v.export.tar.part-"
-done
+say "packing the logs"
 tar czf "$OUT/logs.tgz" --exclude='*/checkpoints' --exclude='*/export' "$W"
 ls -la "$OUT"
 say "done"
