@@ -10,7 +10,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/device-out}
-TRAIN_S=${TRAIN_S:-360}     # seconds of training per variant (both run at once)
+TRAIN_S=${TRAIN_S:-200}     # seconds of training per variant (both run at once)
 PROBE_STEPS=${PROBE_STEPS:-40}
 BATCH=${BATCH:-256}
 WORKERS=${WORKERS:-3}       # loader workers per data source
@@ -113,6 +113,6 @@ wait
 for v in A B; do tail -n 12 "$W/$v-eval-shapes.log" "$W/$v-eval-edits.log" 2>/dev/null; done
 
 say "packing the logs"
-tar czf "$OUT/logs.tgz" --exclude='*/checkpoints' --exclude='*/export' "$W"
+tar czf "$OUT/logs.tgz" --exclude='*/checkpoints' --exclude='*/export' --exclude='*eval*/*.png' "$W"
 ls -la "$OUT"
 say "done"

@@ -82,7 +82,7 @@ class Attention(nn.Module):
         # `mask` comes pre-expanded to (B, 1, G*T, L) by `gqa_mask`, once for all layers.
         q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
+        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # CUDA kernels may return non-contiguous y
         return self.o_proj(y)
 
 
