@@ -134,6 +134,38 @@ class GenerationRequest:
     use_norm: bool
 
 
+def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
+    """One batch from several prepared requests with the same settings (size, guidance, sampler,
+    prompt length). Each keeps its own prompt rows, source latents and noise, so its images are
+    the ones it would get alone; the merged images come back request-major."""
+    first = requests[0]
+    if len(requests) == 1:
+        return first
+    same = ("groups", "grid", "guidance", "use_norm", "sampler")
+    for r in requests[1:]:
+        if (any(getattr(r, k) != getattr(first, k) for k in same) or (r.latents is None) != (first.latents is None)
+                or r.input_ids.shape[1] != first.input_ids.shape[1]):
+            raise ValueError("requests differ in size, guidance, sampler, prompt length or in having a source "
+                             "image: they cannot share a batch")
+    g = first.groups
+
+    def by_group(x: Tensor, n_groups: int) -> Tensor:  # (n_groups * B_i, ...) -> (n_groups, B_i, ...)
+        return x.reshape(n_groups, -1, *x.shape[1:])
+
+    def merged(xs: list[Tensor], n_groups: int) -> Tensor:
+        return torch.cat([by_group(x, n_groups) for x in xs], dim=1).flatten(0, 1)
+
+    latents = None
+    if first.latents is not None:
+        lat = [r.latents if isinstance(r.latents, Tensor) else torch.cat(r.latents) for r in requests]
+        image_groups = 2 if g == 3 else 1  # rows holding the source image: cond (and uncond_1)
+        latents = merged(lat, image_groups)
+    return GenerationRequest(
+        merged([r.input_ids for r in requests], g), merged([r.attention_mask for r in requests], g), latents,
+        torch.cat([r.noise for r in requests], dim=2), first.guidance, g, first.sampler, first.grid,
+        first.pos_embed, first.use_norm)
+
+
 def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int, family: str
                       ) -> list[tuple[float, float]]:
     """(cfg, cfg_img) for each token.
@@ -337,9 +369,12 @@ class NextStepPipeline:
                 negative_prompt: str | None = None, hw: tuple[int, int] = (256, 256), use_norm: bool = False,
                 cfg: float = 1.0, cfg_img: float = 1.0, cfg_schedule: str = "constant",
                 timesteps_shift: float = 1.0, num_sampling_steps: int = 20, seed: int = 42,
-                sde_type: str | None = None, noise_level: float = 0.8) -> GenerationRequest:
+                sde_type: str | None = None, noise_level: float = 0.8,
+                prompt_length: int | None = None) -> GenerationRequest:
         """Validate the arguments and build everything the token loop needs (prompt ids, source
-        latents, noise), drawing all randomness from one CPU generator seeded with `seed`."""
+        latents, noise), drawing all randomness from one CPU generator seeded with `seed`.
+        `prompt_length` left-pads every prompt row to that many tokens (a server pads all
+        requests alike, so that a request's images do not depend on what shares its batch)."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         if images is not None:
             images = [images] if isinstance(images, Image.Image) else list(images)
@@ -353,7 +388,8 @@ class NextStepPipeline:
 
         rows, row_images, groups = self.prompt_rows(captions, images, n, positive_prompt, negative_prompt,
                                                     cfg, cfg_img)
-        input_ids, attention_mask = self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)))
+        input_ids, attention_mask = self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)),
+                                                         prompt_length)
         if input_ids.shape[1] + n_tokens > config.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
                              f"max_position_embeddings={config.max_position_embeddings}")

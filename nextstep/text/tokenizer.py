@@ -68,10 +68,14 @@ class TextTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def batch(self, texts: list[str], suffix: list[int] = ()) -> tuple[Tensor, Tensor]:
-        """Left-padded `input_ids` and `attention_mask` (B, T) of `texts`, each followed by `suffix`."""
+    def batch(self, texts: list[str], suffix: list[int] = (), width: int | None = None) -> tuple[Tensor, Tensor]:
+        """Left-padded `input_ids` and `attention_mask` (B, T) of `texts`, each followed by `suffix`.
+        T is the longest row, or `width` if given (a row longer than that is an error)."""
         rows = [e.ids + list(suffix) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        width = max(len(r) for r in rows)
+        longest = max(len(r) for r in rows)
+        if width is not None and longest > width:
+            raise ValueError(f"the prompt is {longest} tokens long; at most {width} fit")
+        width = longest if width is None else width
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):

@@ -1,0 +1,178 @@
+"""Request batching for the server: many callers, one model call at a time.
+
+Every image a caller asks for becomes one job: (prompt, seed, settings, source
+image). Jobs wait in a bounded queue; a worker thread takes the oldest job,
+waits a short gathering window for more jobs with the same settings, and runs
+them as one batched generation.
+
+Every model call has exactly `slots` images: empty slots are filled with
+copies of the first job, whose results are dropped. With the shapes fixed,
+each row's arithmetic does not depend on the other rows (checked in the
+tests), so an image depends only on its own prompt, settings and seed, never
+on what shared its call or where in the batch it sat. Image k of a request
+with seed s is the image of seed s + k, so `n=4` gives the same four images
+as four requests of one image each. The price is that a lone request pays for
+a full call; `slots` trades latency when idle against throughput under load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..pipeline import GenerationRequest, NextStepPipeline, merge_requests
+from ..text import IMAGE_TAG, image_block, image_prefix
+
+logger = logging.getLogger("nextstep.serving")
+
+SEED_MODULUS = 2**32  # seeds are 32-bit; image k of seed s uses (s + k) mod 2**32
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` images already; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What jobs must share to run in one model call."""
+
+    height: int
+    width: int
+    steps: int
+    cfg: float
+    cfg_img: float  # 1.0 for text-to-image
+    negative_prompt: str
+    edit: bool
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: str
+    seed: int
+    settings: Settings
+    image: Image.Image | None = None
+    future: Future = field(default_factory=Future)
+
+
+class Engine:
+    """A worker thread that runs queued jobs in batches of `slots` images."""
+
+    def __init__(self, pipe: NextStepPipeline, slots: int = 16, max_queue: int = 128, gather_s: float = 0.02,
+                 max_prompt_tokens: int = 64) -> None:
+        if slots < 1 or max_queue < slots:
+            raise ValueError(f"need 1 <= slots <= max_queue, got slots={slots}, max_queue={max_queue}")
+        self.pipe = pipe
+        self.slots, self.max_queue, self.gather_s = slots, max_queue, gather_s
+        self.max_prompt_tokens = max_prompt_tokens
+        self.defaults = pipe.generation_defaults
+        self.batches = 0  # model calls made
+        self.images = 0  # images delivered
+        self._queue: list[Job] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="nextstep-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers
+    def submit(self, prompt: str, seeds: list[int], settings: Settings,
+               image: Image.Image | None = None) -> list[Future]:
+        """Queue one job per seed; returns their futures (each resolves to a PIL image).
+        Raises QueueFull when they do not fit."""
+        jobs = [Job(prompt, s % SEED_MODULUS, settings, image) for s in seeds]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._queue)} images are queued (at most {self.max_queue})")
+            self._queue.extend(jobs)
+            self._cv.notify_all()
+        return [j.future for j in jobs]
+
+    def generate(self, prompt: str, seeds: list[int], settings: Settings,
+                 image: Image.Image | None = None, timeout: float | None = None) -> list[Image.Image]:
+        """Blocking form of `submit`, for scripts and tests."""
+        return [f.result(timeout) for f in self.submit(prompt, seeds, settings, image)]
+
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for job in self._queue:
+                job.future.cancel()
+            self._queue.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    def prompt_tokens(self, text: str) -> int:
+        return len(self.pipe.tokenizer.encode(text))
+
+    # ------------------------------------------------------------------ the worker
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest job and up to `slots - 1` queued jobs with its settings,
+        after waiting up to `gather_s` for them to arrive."""
+        with self._cv:
+            while not self._queue and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return []
+            settings = self._queue[0].settings
+            deadline = time.monotonic() + self.gather_s
+            while (sum(j.settings == settings for j in self._queue) < self.slots
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cv.wait(left)
+            batch = [j for j in self._queue if j.settings == settings][: self.slots]
+            taken = set(map(id, batch))
+            self._queue = [j for j in self._queue if id(j) not in taken]
+        # A caller that gave up (timeout) cancelled its future: skip it.
+        return [j for j in batch if j.future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                with self._cv:
+                    if self._closed:
+                        return
+                continue
+            try:
+                images = self._run(jobs)
+            except Exception as e:  # the callers get the error; the worker lives on
+                logger.exception("a batch of %d images failed", len(jobs))
+                for j in jobs:
+                    j.future.set_exception(e)
+                continue
+            for j, im in zip(jobs, images):
+                j.future.set_result(im)
+            self.batches += 1
+            self.images += len(jobs)
+
+    def prompt_length(self, s: Settings) -> int:
+        """The fixed prompt width (tokens) of every row of a call with settings `s`."""
+        f = self.pipe.down_factor
+        h, w = s.height // f, s.width // f
+        enc = self.pipe.tokenizer.encode
+        return self.max_prompt_tokens + len(enc(image_prefix(h, w))) + (len(enc(image_block(h, w))) if s.edit else 0)
+
+    def _prepare(self, job: Job) -> GenerationRequest:
+        s, d = job.settings, self.defaults
+        prompt = job.prompt if not s.edit or IMAGE_TAG in job.prompt else IMAGE_TAG + job.prompt
+        return self.pipe.prepare(
+            prompt, images=job.image if s.edit else None, hw=(s.height, s.width), use_norm=d["use_norm"],
+            cfg=s.cfg, cfg_img=s.cfg_img, cfg_schedule=d["cfg_schedule"], timesteps_shift=d["timesteps_shift"],
+            num_sampling_steps=s.steps, seed=job.seed, sde_type=d["sampler"],
+            negative_prompt=s.negative_prompt or None, prompt_length=self.prompt_length(s))
+
+    def _run(self, jobs: list[Job]) -> list[Image.Image]:
+        requests = [self._prepare(j) for j in jobs]
+        requests += [requests[0]] * (self.slots - len(requests))  # fillers keep every call the same shape
+        batch = merge_requests(requests)
+        images = self.pipe.decode_tokens(self.pipe.sample_tokens(batch), batch.grid)
+        return images[: len(jobs)]

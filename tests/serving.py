@@ -1,0 +1,64 @@
+"""A real server for the serving tests: uvicorn on a free loopback port, in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from nextstep import NextStepPipeline
+from nextstep.serving import Engine
+from nextstep.serving.api import Limits, create_app, with_body_limit
+
+API_KEY = "test-key"
+STEPS = 4  # flow steps per token in the tests: enough to make real images, fast on the CPU
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Engine
+    app: object  # the FastAPI app (for its OpenAPI schema)
+    asgi: object  # what uvicorn serves: the app behind the body-size cap
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(pipe: NextStepPipeline | None = None, api_key: str | None = API_KEY, slots: int = 4,
+          max_queue: int = 32, gather_s: float = 0.05, limits: Limits | None = None) -> Iterator[Served]:
+    import uvicorn
+
+    pipe = pipe or NextStepPipeline.from_pretrained()
+    engine = Engine(pipe, slots=slots, max_queue=max_queue, gather_s=gather_s)
+    limits = limits or Limits(max_body_bytes=256 * 1024)
+    app = create_app(engine, api_key=api_key, limits=limits)
+    asgi = with_body_limit(app, limits)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError("the test server did not start")
+    try:
+        yield Served(url, engine, app, asgi)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()

@@ -1,0 +1,156 @@
+"""The image API, driven by OpenAI's own Python client against a real server on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from nextstep import NextStepPipeline
+from nextstep.data.shapes import ShapesDataset
+from nextstep.pipeline import pixels_to_pil
+from nextstep.serving.api import Limits
+
+from .serving import API_KEY, STEPS, serve
+
+
+@pytest.fixture(scope="module")
+def pipe() -> NextStepPipeline:
+    return NextStepPipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def served(pipe):
+    with serve(pipe) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(served) -> OpenAI:
+    return OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def generate(client: OpenAI, prompt: str, seed: int, n: int = 1, **extra) -> list[str]:
+    r = client.images.generate(model="nextstep-shapes", prompt=prompt, n=n, size="64x64", response_format="b64_json",
+                               extra_body={"seed": seed, "steps": STEPS, **extra})
+    assert [d.model_extra["seed"] for d in r.data] == [seed + k for k in range(n)]
+    return [d.b64_json for d in r.data]
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def source_png(seed: int = 3) -> bytes:
+    sample = next(iter(ShapesDataset(size=64, seed=seed, edits=True)))
+    buf = io.BytesIO()
+    pixels_to_pil(sample["source"][None])[0].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_openai_client_generates_images(client):
+    images = generate(client, "a red circle", seed=11, n=2)
+    decoded = [decode(b) for b in images]
+    assert all(im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB" for im in decoded)
+    assert images[0] != images[1]  # image k uses seed + k
+
+
+def test_image_k_of_a_request_is_the_image_of_seed_plus_k(client):
+    together = generate(client, "two blue squares", seed=40, n=3)
+    alone = [generate(client, "two blue squares", seed=40 + k)[0] for k in range(3)]
+    assert together == alone
+
+
+def test_concurrent_requests_share_model_calls_and_match_their_lone_results(client, served):
+    prompts = ["a red circle", "a green triangle above a blue square", "three yellow circles", "a square"]
+    alone = [generate(client, p, seed=7) for p in prompts]
+    calls_before = served.engine.batches
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: generate(client, p, seed=7), prompts))
+    assert together == alone  # byte-identical PNGs, whatever shared the call
+    assert served.engine.batches - calls_before < len(prompts)
+
+
+def test_the_openai_client_edits_an_image(client):
+    def edit(seed: int) -> list[str]:
+        r = client.images.edit(image=("source.png", source_png(), "image/png"), prompt="make the red circle blue",
+                               n=2, size="64x64", response_format="b64_json",
+                               extra_body={"seed": seed, "steps": STEPS})
+        return [d.b64_json for d in r.data]
+
+    first = edit(5)
+    assert len(first) == 2 and all(decode(b).size == (64, 64) for b in first)
+    assert edit(5) == first
+
+
+def test_health_needs_no_key_and_the_rest_does(served):
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+    assert "<form" in httpx.get(served.url + "/").text
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(served.url + "/v1/images/generations", json={"prompt": "a circle"}, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "   "}, 400, "prompt"),
+    ({"prompt": "a red circle " * 100}, 400, "prompt"),
+    ({"prompt": "a circle", "negative_prompt": "x" * 2000}, 400, "negative_prompt"),
+    ({"prompt": "a circle", "size": "60x60"}, 400, "size"),
+    ({"prompt": "a circle", "size": "4096x4096"}, 400, "size"),
+    ({"prompt": "a circle", "size": "big"}, 400, "size"),
+    ({"prompt": "a circle", "n": 0}, 400, "n"),
+    ({"prompt": "a circle", "n": 1000}, 400, "n"),
+    ({"prompt": "a circle", "cfg": 0.5}, 400, "cfg"),
+    ({"prompt": "a circle", "steps": 1}, 400, "steps"),
+    ({"prompt": "a circle", "seed": -1}, 400, "seed"),
+    ({"prompt": "a circle", "n": "many"}, 422, "n"),
+    ({"prompt": "a circle", "response_format": "url"}, 422, "response_format"),
+    ({"n": 1}, 422, "prompt"),
+])
+def test_bad_generation_requests_get_openai_shaped_errors(served, body, status, param):
+    r = httpx.post(served.url + "/v1/images/generations", json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_cap_gets_413(served):
+    r = httpx.post(served.url + "/v1/images/generations", headers=AUTH,
+                   json={"prompt": "a circle", "negative_prompt": "x" * 300_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(served.url + "/v1/images/edits", headers=AUTH, data={"prompt": "remove the circle"},
+                   files={"image": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")})
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("name, data", [
+    ("notes.txt", b"this is not a picture"),
+    ("cut.png", source_png()[:200]),  # a truncated PNG
+    ("empty.png", b""),
+])
+def test_bad_uploads_get_400(served, name, data):
+    r = httpx.post(served.url + "/v1/images/edits", headers=AUTH, data={"prompt": "remove the red circle"},
+                   files={"image": (name, data, "image/png")})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "image"
+
+
+def test_a_full_queue_and_a_timeout_get_503_with_retry_after(pipe):
+    with serve(pipe, api_key=None, slots=2, max_queue=2) as s:
+        r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a circle", "n": 3, "steps": STEPS})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+    with serve(pipe, api_key=None, limits=Limits(timeout_s=0.001)) as s:
+        r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a circle", "steps": STEPS})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+        assert httpx.get(s.url + "/health").status_code == 200  # the server lives on
