@@ -1,0 +1,90 @@
+"""The web page in a real headless Chromium (Debian's `chromium`, driven by Playwright): the image the
+page shows is the image the API returns for the same prompt, settings and seed."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nextstep import NextStepPipeline
+
+from .serving import STEPS, serve
+from .test_serve import source_png
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a sandboxed CI machine with no network and no display.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def served():
+    with serve(NextStepPipeline.from_pretrained(), api_key=None) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser.new_page()
+        browser.close()
+
+
+def shown_images(page) -> list[str]:
+    return [src.removeprefix("data:image/png;base64,")
+            for src in page.eval_on_selector_all("img.result", "els => els.map(e => e.src)")]
+
+
+def test_the_page_generates_the_image_the_api_returns_for_that_seed(served, page):
+    page.goto(served.url + "/")
+    page.fill("#prompt", "a blue square to the left of a red circle")
+    page.fill("#n", "2")
+    page.fill("#seed", "21")
+    page.fill("#steps", str(STEPS))
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('img.result').length === 2", timeout=60_000)
+    assert "2 of 2 images" in page.inner_text("#status")
+    api = httpx.post(served.url + "/v1/images/generations", timeout=60,
+                     json={"prompt": "a blue square to the left of a red circle", "n": 2, "seed": 21,
+                           "steps": STEPS}).json()
+    by_seed = {int(s): b for s, b in zip(page.eval_on_selector_all("img.result", "els => els.map(e => e.dataset.seed)"),
+                                         shown_images(page))}
+    assert by_seed == {d["seed"]: d["b64_json"] for d in api["data"]}
+    assert base64.b64decode(by_seed[21])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_page_edits_an_uploaded_image(served, page, tmp_path: Path):
+    source = tmp_path / "source.png"
+    source.write_bytes(source_png())
+    page.goto(served.url + "/")
+    page.select_option("#mode", "edit")
+    page.set_input_files("#source", str(source))
+    page.fill("#prompt", "make the red circle blue")
+    page.fill("#n", "1")
+    page.fill("#seed", "5")
+    page.fill("#steps", str(STEPS))
+    page.click("#generate")
+    page.wait_for_selector("img.result", timeout=60_000)
+    api = httpx.post(served.url + "/v1/images/edits", timeout=60,
+                     data={"prompt": "make the red circle blue", "n": "1", "seed": "5", "steps": str(STEPS)},
+                     files={"image": ("source.png", source.read_bytes(), "image/png")}).json()
+    assert shown_images(page) == [api["data"][0]["b64_json"]]
+
+
+def test_the_page_reports_errors(served, page):
+    page.goto(served.url + "/")
+    page.fill("#prompt", "a circle")
+    page.fill("#size", "60x60")
+    page.fill("#n", "1")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=30_000)
+    assert "multiple of" in page.inner_text("#status")

@@ -1,0 +1,46 @@
+"""Property-based fuzzing of the API from its own OpenAPI schema (schemathesis): whatever the body,
+the server answers with a non-5xx status (503 'busy' aside) and an OpenAI-shaped error for failures."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from nextstep import NextStepPipeline
+from nextstep.serving import Engine
+from nextstep.serving.api import Limits, create_app, with_body_limit
+
+# Valid requests really generate images: keep them small so the fuzzing stays quick.
+LIMITS = Limits(max_n=2, max_side=32, max_steps=3, max_body_bytes=64 * 1024, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def schema():
+    engine = Engine(NextStepPipeline.from_pretrained(), slots=2, max_queue=8, gather_s=0.0)
+    app = create_app(engine, limits=LIMITS)
+    yield schemathesis.openapi.from_asgi("/openapi.json", with_body_limit(app, LIMITS))
+    engine.close()
+
+
+# schemathesis's own pytest plugin does not work with this pytest, so the cases come from its
+# hypothesis strategies directly.
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_no_request_body_makes_the_server_fail(schema, path):
+    statuses = []
+
+    @given(case=schema[path]["POST"].as_strategy())
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        if isinstance(case.body, dict) and path.endswith("generations"):
+            case.body.setdefault("steps", 2)  # the model's default of 20 steps is slow for a fuzzer
+        response = case.call()
+        statuses.append(response.status_code)
+        assert response.status_code < 500 or response.status_code == 503, response.text
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert isinstance(error["message"], str) and error["message"]
+
+    check()
+    print(path, sorted(statuses))
+    assert {400, 422} & set(statuses)  # the fuzzer reached the checks
