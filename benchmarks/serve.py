@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serving import free_port  # noqa: E402
+from serving import free_port, wait_until_healthy  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "three purple squares",
            "an orange circle to the left of a blue triangle", "a square on a dark background"]
@@ -100,12 +100,7 @@ def main() -> int:
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, 120)
         for i in range(3):
             post(url, i)  # warm-up
         print(f"server: {' '.join(cmd[2:])}; torch threads default; each request one 64x64 image")

@@ -33,6 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"no healthy server at {url} after {seconds:g} s")
+
+
 @contextmanager
 def serve(pipe: NextStepPipeline | None = None, api_key: str | None = API_KEY, slots: int = 4,
           max_queue: int = 32, gather_s: float = 0.05, limits: Limits | None = None) -> Iterator[Served]:
@@ -48,14 +59,7 @@ def serve(pipe: NextStepPipeline | None = None, api_key: str | None = API_KEY, s
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError("the test server did not start")
+    wait_until_healthy(url, 10)
     try:
         yield Served(url, engine, app, asgi)
     finally:

@@ -39,18 +39,28 @@ def page(served):
         browser.close()
 
 
+def submit(page, url: str, prompt: str, n: int, seed: int | None = None, size: str = "",
+           source: Path | None = None) -> None:
+    """Open the page, fill the form like a user and press the button."""
+    page.goto(url + "/")
+    if source is not None:
+        page.select_option("#mode", "edit")
+        page.set_input_files("#source", str(source))
+    page.fill("#prompt", prompt)
+    page.fill("#n", str(n))
+    page.fill("#seed", "" if seed is None else str(seed))
+    page.fill("#size", size)
+    page.fill("#steps", str(STEPS))
+    page.click("#generate")
+
+
 def shown_images(page) -> list[str]:
     return [src.removeprefix("data:image/png;base64,")
             for src in page.eval_on_selector_all("img.result", "els => els.map(e => e.src)")]
 
 
 def test_the_page_generates_the_image_the_api_returns_for_that_seed(served, page):
-    page.goto(served.url + "/")
-    page.fill("#prompt", "a blue square to the left of a red circle")
-    page.fill("#n", "2")
-    page.fill("#seed", "21")
-    page.fill("#steps", str(STEPS))
-    page.click("#generate")
+    submit(page, served.url, "a blue square to the left of a red circle", n=2, seed=21)
     page.wait_for_function("document.querySelectorAll('img.result').length === 2", timeout=60_000)
     assert "2 of 2 images" in page.inner_text("#status")
     api = httpx.post(served.url + "/v1/images/generations", timeout=60,
@@ -65,14 +75,7 @@ def test_the_page_generates_the_image_the_api_returns_for_that_seed(served, page
 def test_the_page_edits_an_uploaded_image(served, page, tmp_path: Path):
     source = tmp_path / "source.png"
     source.write_bytes(source_png())
-    page.goto(served.url + "/")
-    page.select_option("#mode", "edit")
-    page.set_input_files("#source", str(source))
-    page.fill("#prompt", "make the red circle blue")
-    page.fill("#n", "1")
-    page.fill("#seed", "5")
-    page.fill("#steps", str(STEPS))
-    page.click("#generate")
+    submit(page, served.url, "make the red circle blue", n=1, seed=5, source=source)
     page.wait_for_selector("img.result", timeout=60_000)
     api = httpx.post(served.url + "/v1/images/edits", timeout=60,
                      data={"prompt": "make the red circle blue", "n": "1", "seed": "5", "steps": str(STEPS)},
@@ -81,10 +84,6 @@ def test_the_page_edits_an_uploaded_image(served, page, tmp_path: Path):
 
 
 def test_the_page_reports_errors(served, page):
-    page.goto(served.url + "/")
-    page.fill("#prompt", "a circle")
-    page.fill("#size", "60x60")
-    page.fill("#n", "1")
-    page.click("#generate")
+    submit(page, served.url, "a circle", n=1, size="60x60")
     page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=30_000)
     assert "multiple of" in page.inner_text("#status")
