@@ -88,7 +88,8 @@ def files(folder: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------- help
-@pytest.mark.parametrize("command", [[], ["generate"], ["edit"], ["eval"], ["eval", "shapes"], ["eval", "edits"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["edit"], ["eval"], ["eval", "shapes"], ["eval", "edits"],
+                                     ["serve"]])
 def test_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])

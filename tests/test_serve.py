@@ -154,3 +154,10 @@ def test_a_full_queue_and_a_timeout_get_503_with_retry_after(pipe):
         r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a circle", "steps": STEPS})
         assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
         assert httpx.get(s.url + "/health").status_code == 200  # the server lives on
+
+
+def test_serve_refuses_a_bad_port(capsys):
+    from nextstep.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

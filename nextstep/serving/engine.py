@@ -93,11 +93,6 @@ class Engine:
             self._cv.notify_all()
         return [j.future for j in jobs]
 
-    def generate(self, prompt: str, seeds: list[int], settings: Settings,
-                 image: Image.Image | None = None, timeout: float | None = None) -> list[Image.Image]:
-        """Blocking form of `submit`, for scripts and tests."""
-        return [f.result(timeout) for f in self.submit(prompt, seeds, settings, image)]
-
     def queued(self) -> int:
         with self._cv:
             return len(self._queue)
