@@ -8,6 +8,15 @@ and an editing request, the largest token and pixel differences of CUDA fp32
 and CUDA bf16 against CPU fp32, the training loss on one batch on each device,
 and the seconds per image at batch 1 and 64 on CUDA. Exits non-zero when fp32
 disagrees by more than it should.
+
+Measured on one H200 (torch 2.11, CUDA 13, 2026-11-28), shipped v0 model:
+CUDA fp32 vs CPU: text-to-image tokens within 5.6e-5 (pixels 1.9e-3); the edit's
+tokens within 4.5e-2, because cuDNN encodes the source image with TF32
+convolutions; training loss 0.049534 (CPU) vs 0.049531 (CUDA). bf16 sampling
+drifts from fp32 as expected (tokens up to 2.4, mean pixel difference 0.02).
+bf16 speed: 0.263 s/image at batch 1, 0.0044 s/image at batch 64 (60x).
+The first run found one CUDA-only bug: the attention output of SDPA is not
+contiguous there, so `view` failed (now `reshape`).
 """
 
 from __future__ import annotations

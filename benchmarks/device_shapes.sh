@@ -7,6 +7,11 @@
 #
 # The number of steps is set from the throughput measured in a short probe run, so that
 # training fills TRAIN_S seconds; the stage files actually run are returned with the logs.
+#
+# Its one full run here (2026-11-28, 170 s of training each, the rest of the lease having gone
+# to the CUDA bug it found) returned both exports but not its logs: evaluated on the CPU
+# (10 prompts per category) A scored 0.075 and B 0.000 overall, below the shipped v0 (0.125),
+# so neither was shipped. B's f4 images have clean shapes but ignore the counts.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/device-out}
