@@ -161,3 +161,20 @@ def test_serve_refuses_a_bad_port(capsys):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_a_job_that_fails_fails_alone(served, monkeypatch):
+    prepare = served.engine._prepare
+
+    def refuse_boom(job):
+        if "boom" in job.prompt:
+            raise ValueError("this prompt cannot be drawn")
+        return prepare(job)
+
+    monkeypatch.setattr(served.engine, "_prepare", refuse_boom)
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(lambda p: httpx.post(served.url + "/v1/images/generations", headers=AUTH, timeout=60,
+                                                  json={"prompt": p, "seed": 1, "steps": STEPS}),
+                             ["a boom circle", "a red circle"])
+    assert bad.status_code == 400 and "cannot be drawn" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and len(good.json()["data"]) == 1

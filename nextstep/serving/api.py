@@ -204,6 +204,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                 f.cancel()
             raise APIError(503, f"no result within {limits.timeout_s:g} s; retry shortly", kind="server_error",
                            code="timeout", headers=retry) from None
+        except ValueError as e:  # the pipeline refused the request
+            raise APIError(400, str(e)) from None
+        except Exception as e:
+            raise APIError(500, f"generation failed ({type(e).__name__}: {e})", kind="server_error") from None
         return {"created": int(time.time()),
                 "data": [{"b64_json": png_base64(im), "revised_prompt": None, "seed": s}
                          for im, s in zip(images, seeds)]}

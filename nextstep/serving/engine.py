@@ -137,17 +137,25 @@ class Engine:
                     if self._closed:
                         return
                 continue
+            requests = {}
+            for j in jobs:  # a job that cannot be prepared fails alone
+                try:
+                    requests[j] = self._prepare(j)
+                except Exception as e:
+                    j.future.set_exception(e)
+            if not requests:
+                continue
             try:
-                images = self._run(jobs)
+                images = self._run(list(requests.values()))
             except Exception as e:  # the callers get the error; the worker lives on
-                logger.exception("a batch of %d images failed", len(jobs))
-                for j in jobs:
+                logger.exception("a batch of %d images failed", len(requests))
+                for j in requests:
                     j.future.set_exception(e)
                 continue
-            for j, im in zip(jobs, images):
+            for j, im in zip(requests, images):
                 j.future.set_result(im)
             self.batches += 1
-            self.images += len(jobs)
+            self.images += len(requests)
 
     def prompt_length(self, s: Settings) -> int:
         """The fixed prompt width (tokens) of every row of a call with settings `s`."""
@@ -165,9 +173,8 @@ class Engine:
             num_sampling_steps=s.steps, seed=job.seed, sde_type=d["sampler"],
             negative_prompt=s.negative_prompt or None, prompt_length=self.prompt_length(s))
 
-    def _run(self, jobs: list[Job]) -> list[Image.Image]:
-        requests = [self._prepare(j) for j in jobs]
-        requests += [requests[0]] * (self.slots - len(requests))  # fillers keep every call the same shape
+    def _run(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        n = len(requests)
+        requests = requests + [requests[0]] * (self.slots - n)  # fillers keep every call the same shape
         batch = merge_requests(requests)
-        images = self.pipe.decode_tokens(self.pipe.sample_tokens(batch), batch.grid)
-        return images[: len(jobs)]
+        return self.pipe.decode_tokens(self.pipe.sample_tokens(batch), batch.grid)[:n]
