@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="images that may wait; beyond, requests get 503 (default 128)")
+    p.add_argument("--gather-ms", type=float, default=50.0,
+                   help="how long a call waits for more requests to share it (default 50 ms)")
     p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait (default 120)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -39,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     pipe = NextStepPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(pipe, slots=args.slots, max_queue=args.max_queue)
+    if args.gather_ms < 0:
+        raise ValueError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+    engine = Engine(pipe, slots=args.slots, max_queue=args.max_queue, gather_s=args.gather_ms / 1000)
     limits = Limits(max_n=args.max_n, timeout_s=args.timeout)
     name = args.model.name if args.model else "nextstep-shapes"
     app = with_body_limit(create_app(engine, api_key=args.api_key, limits=limits, model_name=name), limits)

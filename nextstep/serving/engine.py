@@ -62,7 +62,7 @@ class Job:
 class Engine:
     """A worker thread that runs queued jobs in batches of `slots` images."""
 
-    def __init__(self, pipe: NextStepPipeline, slots: int = 16, max_queue: int = 128, gather_s: float = 0.02,
+    def __init__(self, pipe: NextStepPipeline, slots: int = 16, max_queue: int = 128, gather_s: float = 0.05,
                  max_prompt_tokens: int = 64) -> None:
         if slots < 1 or max_queue < slots:
             raise ValueError(f"need 1 <= slots <= max_queue, got slots={slots}, max_queue={max_queue}")
