@@ -34,9 +34,8 @@ from nextstep.data import (
 )
 from nextstep.data.shapes import parse_caption, parse_instruction
 from nextstep.data.stream import StreamDataset, is_bookkeeping
-from nextstep.text import TextTokenizer
+from nextstep.text.train_tokenizer import shapes_tokenizer
 
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-tiny" / "model"
 
 
 def _png(path: Path, size=(40, 30), colour=(200, 10, 10), mode="RGB") -> None:
@@ -352,7 +351,7 @@ def test_open_dataset_dispatch(tmp_path, folder):
 def test_collated_batches_keep_the_position(shards):
     """The Collator passes the bookkeeping through, so mark_consumed works on real batches."""
     out, truth = shards
-    tok = TextTokenizer.from_pretrained(TOKENIZER)
+    tok = shapes_tokenizer()  # built in memory: no fixture needed
     ds = ShardDataset(str(out / PATTERN), resolution=64)
     loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=Collator(tok))
     n = 0
