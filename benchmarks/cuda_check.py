@@ -29,6 +29,7 @@ import torch
 from nextstep import NextStepPipeline
 from nextstep.data.batching import Collator
 from nextstep.data.shapes import ShapesDataset
+from nextstep.eval.benchmark import generation_settings
 from nextstep.pipeline import pixels_to_pil
 from nextstep.training.train import image_generators, sample_latents
 
@@ -36,15 +37,14 @@ FP32_TOL = 2e-3  # tokens: the fixtures' end-to-end tolerance with guidance is 1
 
 
 def tokens_and_pixels(pipe: NextStepPipeline, edit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    d = pipe.generation_defaults
-    kwargs = dict(hw=tuple(d["hw"]), cfg=d["cfg"], num_sampling_steps=d["num_sampling_steps"],
-                  sde_type=d.get("sampler"), use_norm=d["use_norm"], seed=7, num_images_per_caption=2)
+    kwargs = dict(seed=7, num_images_per_caption=2)
     if edit:
-        sample = next(iter(ShapesDataset(size=d["hw"][0], seed=3, edits=True)))
+        sample = next(iter(ShapesDataset(size=pipe.default_size[0], seed=3, edits=True)))
         req = pipe.prepare("<image>" + sample["instruction"], images=pixels_to_pil(sample["source"][None])[0],
-                           cfg_img=d["cfg_img"], **kwargs)
+                           **kwargs, **generation_settings(pipe))
     else:
-        req = pipe.prepare(["a red circle", "two blue squares to the left of a green triangle"], **kwargs)
+        req = pipe.prepare(["a red circle", "two blue squares to the left of a green triangle"], **kwargs,
+                           **generation_settings(pipe, cfg_img=1.0))
     with torch.inference_mode():
         tokens = pipe.sample_tokens(req).float().cpu()
         pixels = pipe.decode_pixels(tokens.to(pipe.device), req.grid).float().cpu()
@@ -65,9 +65,7 @@ def training_loss(device: str) -> float:
 
 
 def seconds_per_image(pipe: NextStepPipeline, batch: int) -> float:
-    d = pipe.generation_defaults
-    kwargs = dict(hw=tuple(d["hw"]), cfg=d["cfg"], num_sampling_steps=d["num_sampling_steps"],
-                  sde_type=d.get("sampler"), use_norm=d["use_norm"], progress=False, num_images_per_caption=batch)
+    kwargs = dict(progress=False, num_images_per_caption=batch, **generation_settings(pipe, cfg_img=1.0))
     pipe.generate_image("a red circle", **kwargs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

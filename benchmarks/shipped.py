@@ -21,15 +21,14 @@ from pathlib import Path
 import torch
 
 from nextstep import NextStepPipeline
+from nextstep.eval.benchmark import generation_settings
 
 PROMPT = "a red circle to the left of a blue square"
 
 
 def time_batch(pipe: NextStepPipeline, batch: int, runs: int) -> float:
     """Median seconds of one call generating `batch` images (after a warm-up)."""
-    d = pipe.generation_defaults
-    kwargs = dict(hw=tuple(d["hw"]), cfg=d["cfg"], num_sampling_steps=d["num_sampling_steps"],
-                  sde_type=d.get("sampler"), use_norm=d["use_norm"], progress=False)
+    kwargs = dict(progress=False, **generation_settings(pipe, cfg_img=1.0))
     pipe.generate_image(PROMPT, num_images_per_caption=batch, **kwargs)
     times = []
     for _ in range(runs):

@@ -23,8 +23,6 @@ STEPS = 4  # flow steps per token in the tests: enough to make real images, fast
 class Served:
     url: str
     engine: Engine
-    app: object  # the FastAPI app (for its OpenAPI schema)
-    asgi: object  # what uvicorn serves: the app behind the body-size cap
 
 
 def free_port() -> int:
@@ -61,7 +59,7 @@ def serve(pipe: NextStepPipeline | None = None, api_key: str | None = API_KEY, s
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, 10)
     try:
-        yield Served(url, engine, app, asgi)
+        yield Served(url, engine)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

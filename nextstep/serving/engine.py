@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from ..eval.benchmark import generation_settings
 from ..pipeline import GenerationRequest, NextStepPipeline, merge_requests
 from ..text import IMAGE_TAG, image_block, image_prefix
 
@@ -69,7 +70,6 @@ class Engine:
         self.pipe = pipe
         self.slots, self.max_queue, self.gather_s = slots, max_queue, gather_s
         self.max_prompt_tokens = max_prompt_tokens
-        self.defaults = pipe.generation_defaults
         self.batches = 0  # model calls made
         self.images = 0  # images delivered
         self._queue: list[Job] = []
@@ -165,13 +165,13 @@ class Engine:
         return self.max_prompt_tokens + len(enc(image_prefix(h, w))) + (len(enc(image_block(h, w))) if s.edit else 0)
 
     def _prepare(self, job: Job) -> GenerationRequest:
-        s, d = job.settings, self.defaults
+        s = job.settings
         prompt = job.prompt if not s.edit or IMAGE_TAG in job.prompt else IMAGE_TAG + job.prompt
-        return self.pipe.prepare(
-            prompt, images=job.image if s.edit else None, hw=(s.height, s.width), use_norm=d["use_norm"],
-            cfg=s.cfg, cfg_img=s.cfg_img, cfg_schedule=d["cfg_schedule"], timesteps_shift=d["timesteps_shift"],
-            num_sampling_steps=s.steps, seed=job.seed, sde_type=d["sampler"],
-            negative_prompt=s.negative_prompt or None, prompt_length=self.prompt_length(s))
+        settings = generation_settings(self.pipe, cfg=s.cfg, cfg_img=s.cfg_img, steps=s.steps)
+        settings["hw"] = (s.height, s.width)
+        return self.pipe.prepare(prompt, images=job.image if s.edit else None, seed=job.seed,
+                                 negative_prompt=s.negative_prompt or None, prompt_length=self.prompt_length(s),
+                                 **settings)
 
     def _run(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         n = len(requests)
