@@ -58,18 +58,23 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default=None, help="float32, bfloat16 or bf16-mixed (default: the model's choice)")
+    ap.add_argument("--skip-cold", action="store_true", help="skip the cold-start measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = NextStepPipeline.from_pretrained(args.model)
+    pipe = NextStepPipeline.from_pretrained(args.model, dtype=args.dtype)
     d = pipe.generation_defaults
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, 1-min load {os.getloadavg()[0]:.2f}")
     print(f"defaults: {d}")
+    print(f"weights {pipe.model.embed_tokens.weight.dtype}, autocast {pipe.autocast_dtype}")
     one = time_batch(pipe, 1, args.runs)
     many = time_batch(pipe, 64, args.runs)
     print(f"batch  1: {one:.3f} s/call, {one:.3f} s/image, {1 / one:.1f} images/s")
     print(f"batch 64: {many:.3f} s/call, {many / 64:.4f} s/image, {64 / many:.1f} images/s")
     print(f"batch 64 / batch 1 images/s: {64 * one / many:.1f}x (target >= 8x)")
+    if args.skip_cold:
+        return
     cold = statistics.median(cold_start(args.model) for _ in range(3))
     print(f"cold first image (process start to PNG, median of 3): {cold:.2f} s (target < 5 s)")
 

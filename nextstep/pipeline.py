@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .devices import resolve
+from .devices import DTYPE_NAMES, autocast, resolve
 from .errors import CheckpointError
 from .io import load_model, save_model
 from .io.atomic import atomic_write
@@ -42,7 +42,12 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
 # size of latent_size * (VAE down factor) pixels (512 for the official 1.0 and 1.1).
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 OFFICIAL_DEFAULTS: dict[str, Any] = {"cfg": 7.5, "cfg_img": 2.0, "num_sampling_steps": 28, "use_norm": False,
-                                     "timesteps_shift": 1.0, "cfg_schedule": "constant", "sampler": None}
+                                     "timesteps_shift": 1.0, "cfg_schedule": "constant", "sampler": None,
+                                     "source_image": "first", "cpu_dtype": None}
+# Where an edit prompt without an `<image>` tag gets its source image: "first" (before the
+# instruction, as the official models are trained) or "last" (right before the target, so
+# that source token k and target token k are a fixed number of positions apart).
+SOURCE_IMAGE_PLACES = ("first", "last")
 
 
 def _is_number(v: Any) -> bool:
@@ -59,6 +64,9 @@ _DEFAULT_CHECKS = {
     "timesteps_shift": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "cfg_schedule": (lambda v: v in CFG_SCHEDULES, f"one of {list(CFG_SCHEDULES)}"),
     "sampler": (lambda v: v is None or v in SAMPLERS, f"null or one of {list(SAMPLERS)}"),
+    "source_image": (lambda v: v in SOURCE_IMAGE_PLACES, f"one of {list(SOURCE_IMAGE_PLACES)}"),
+    # what the model runs in on a CPU when the caller does not say (see nextstep.devices)
+    "cpu_dtype": (lambda v: v is None or v in DTYPE_NAMES, f"null or one of {list(DTYPE_NAMES)}"),
 }
 
 
@@ -82,9 +90,14 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     return d
 
 
-def with_image_tag(prompt: str) -> str:
-    """An edit prompt with its source-image slot: `<image>` goes first unless the prompt places it."""
-    return prompt if IMAGE_TAG in prompt else IMAGE_TAG + prompt
+def with_image_tag(prompt: str, place: str = "first") -> str:
+    """An edit prompt with its source-image slot: `<image>` goes at the `place` ("first" or
+    "last") unless the prompt places it itself."""
+    if place not in SOURCE_IMAGE_PLACES:
+        raise ValueError(f"source image place must be one of {list(SOURCE_IMAGE_PLACES)}, got {place!r}")
+    if IMAGE_TAG in prompt:
+        return prompt
+    return IMAGE_TAG + prompt if place == "first" else prompt + IMAGE_TAG
 
 
 def seed_from(generator: torch.Generator | int | None) -> int:
@@ -201,8 +214,10 @@ FAMILIES = {
 
 class NextStepPipeline:
     def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer,
-                 generation_defaults: dict[str, Any] | None = None) -> None:
+                 generation_defaults: dict[str, Any] | None = None, autocast_dtype: torch.dtype | None = None
+                 ) -> None:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        self.autocast_dtype = autocast_dtype  # matmuls in this dtype during token sampling (None: the weights')
         # Kept apart so that save_pretrained writes back exactly what the folder said.
         self._custom_defaults = dict(generation_defaults or {})
         size = model.config.latent_size * vae.down_factor
@@ -232,6 +247,10 @@ class NextStepPipeline:
         h, w = self.generation_defaults["hw"]
         return h, w
 
+    def edit_prompt(self, instruction: str) -> str:
+        """An edit instruction with its `<image>` slot where this model was trained to see it."""
+        return with_image_tag(instruction, self.generation_defaults["source_image"])
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, vae_dir: str | Path | None = None,
@@ -240,14 +259,16 @@ class NextStepPipeline:
         """Load a model folder (official layout); without one, the shipped shapes-world model.
         The VAE comes from `vae_dir`, else from the config's `vae_name_or_path` (relative to the
         model folder), else from `<model_dir>/vae`. An optional `generation_defaults.json` in the
-        folder sets the defaults of `pipe(...)` and the CLI."""
-        device, dtype = resolve(device, dtype)
+        folder sets the defaults of `pipe(...)` and the CLI, and may ask for "bf16-mixed" on CPUs
+        (`cpu_dtype`; `dtype` overrides it)."""
         if model_dir is None:
             if not SHIPPED_MODEL.is_dir():
                 raise CheckpointError(f"the shipped model is not installed at {SHIPPED_MODEL}; "
                                       f"pass a model folder instead")
             model_dir = SHIPPED_MODEL
         model_dir = Path(model_dir)
+        defaults = load_generation_defaults(model_dir)
+        device, dtype, autocast_dtype = resolve(device, dtype, defaults.get("cpu_dtype"))
         model = load_model(model_dir, device, dtype)
         tokenizer = TextTokenizer.from_pretrained(model_dir)
         if vae_dir is None:
@@ -258,7 +279,7 @@ class NextStepPipeline:
                     f"no VAE folder at {vae_dir} (from vae_name_or_path={name!r}); pass vae_dir=")
         # The VAE stays in fp32: it is small and decoding is where precision shows.
         vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32, family=model.config.family)
-        return cls(model, vae, tokenizer, load_generation_defaults(model_dir))
+        return cls(model, vae, tokenizer, defaults, autocast_dtype)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the official layout: config, safetensors, tokenizer files, and the VAE in `vae/`."""
@@ -319,7 +340,7 @@ class NextStepPipeline:
         """Diffusers-style call, a thin map onto `generate_image`; unset settings come from
         `generation_defaults`. The images depend only on the seed (`seed_from(generator)`: a
         torch.Generator counts by its `initial_seed()`, not its state). `image` makes it an edit:
-        each prompt gets `<image>` in front unless it holds one, one image serves every prompt or
+        each prompt gets `<image>` (`edit_prompt`) unless it holds one, one image serves every prompt or
         there is one per prompt, and the size defaults to the source image's, not `default_size`."""
         d = self.generation_defaults
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -329,7 +350,7 @@ class NextStepPipeline:
         if image is not None:
             images = [image] if isinstance(image, Image.Image) else list(image)
             images = images * len(prompts) if len(images) == 1 else images
-            prompts = [with_image_tag(p) if isinstance(p, str) else p for p in prompts]
+            prompts = [self.edit_prompt(p) if isinstance(p, str) else p for p in prompts]
             cfg_img = d["cfg_img"]
             if images and isinstance(images[0], Image.Image):
                 h, w = images[0].height, images[0].width
@@ -417,8 +438,9 @@ class NextStepPipeline:
                       trace: dict[str, list[Tensor]] | None = None) -> Tensor:
         """Run the autoregressive loop of a prepared request: (B, n_tokens, token_dim)."""
         r = request
-        return generate_tokens(self.model, r.input_ids, r.attention_mask, r.grid[0] * r.grid[1], r.sampler,
-                               r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace)
+        with autocast(self.device, self.autocast_dtype):
+            return generate_tokens(self.model, r.input_ids, r.attention_mask, r.grid[0] * r.grid[1], r.sampler,
+                                   r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace)
 
     def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> list[Image.Image]:
         """Image tokens (B, h*w, token_dim) on a grid of (h, w) tokens -> PIL images."""

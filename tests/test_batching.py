@@ -99,6 +99,25 @@ def test_edit_row_holds_the_source_block_then_the_target(tok):
     assert mid[: len(tok.encode("turn "))] == tok.encode("turn ")
 
 
+def test_source_last_keeps_source_and_target_tokens_a_fixed_distance_apart(tok):
+    eos = tok.tokenizer.token_to_id("<|endoftext|>")
+    rows = [edit("a", "make the red circle blue"), edit("b", "remove the circle")]
+    batch = Collator(tok, caption_dropout=0.0, source_image="last")(rows)
+    ids = batch["input_ids"][0].tolist()
+    assert ids[: len(ids) - ids[::-1].index(eos)] == (tok.encode("make the red circle blue" + image_block(4, 4))
+                                                      + tok.encode(image_block(4, 4)) + [eos])
+    gaps = set()
+    for mask in batch["image_mask"]:
+        slots = mask.nonzero()[:, 0]
+        gaps |= set((slots[16:] - slots[:16]).tolist())
+    assert len(gaps) == 1  # the same offset for every token, whatever the instruction's length
+    first = Collator(tok, caption_dropout=0.0)(rows)["image_mask"]
+    first_gaps = {tuple((m.nonzero()[16:, 0] - m.nonzero()[:16, 0]).tolist()) for m in first}
+    assert len(first_gaps) == 2  # the official order: the offset depends on the instruction
+    with pytest.raises(ValueError, match="source_image must be 'first' or 'last'"):
+        Collator(tok, source_image="middle")
+
+
 def test_edit_dropout_drops_the_instruction_then_the_source(tok):
     rows = Collator(tok, caption_dropout=1.0)([edit("e")])
     assert rows["caption_dropped"].all()

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import nextstep.devices as devices
 import nextstep.pipeline as pipeline_module
 from nextstep.cli import main
 from nextstep.data.shapes import (
@@ -41,7 +42,7 @@ from nextstep.eval.benchmark import (
     run_edits_benchmark,
     run_shapes_benchmark,
 )
-from nextstep.pipeline import OFFICIAL_DEFAULTS, NextStepPipeline
+from nextstep.pipeline import OFFICIAL_DEFAULTS, NextStepPipeline, with_image_tag
 
 DEFAULTS = {"cfg": 3.0, "cfg_img": 1.5, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": False,
             "sampler": "euler_maruyama"}
@@ -126,6 +127,39 @@ def test_bad_generation_defaults(model: Path, tmp_path: Path) -> None:
     (folder / "generation_defaults.json").write_text(json.dumps({"hw": [64]}))
     with pytest.raises(CheckpointError, match=r"hw must be \[height, width\]"):
         NextStepPipeline.from_pretrained(folder)
+
+
+def test_edit_prompts_put_the_source_where_the_model_was_trained_to_see_it(model: Path, tmp_path: Path) -> None:
+    assert with_image_tag("make the red circle blue") == "<image>make the red circle blue"
+    assert with_image_tag("make the red circle blue", "last") == "make the red circle blue<image>"
+    assert with_image_tag("turn <image> blue", "last") == "turn <image> blue"  # a placed tag stays
+    with pytest.raises(ValueError, match="source image place"):
+        with_image_tag("x", "middle")
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    defaults = json.loads((folder / "generation_defaults.json").read_text())
+    (folder / "generation_defaults.json").write_text(json.dumps({**defaults, "source_image": "last"}))
+    assert NextStepPipeline.from_pretrained(folder).edit_prompt("remove the circle") == "remove the circle<image>"
+    (folder / "generation_defaults.json").write_text(json.dumps({**defaults, "source_image": "middle"}))
+    with pytest.raises(CheckpointError, match="source_image must be one of"):
+        NextStepPipeline.from_pretrained(folder)
+
+
+def test_a_model_may_ask_for_bf16_mixed_on_cpus(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    defaults = json.loads((folder / "generation_defaults.json").read_text())
+    (folder / "generation_defaults.json").write_text(json.dumps({**defaults, "cpu_dtype": "bf16-mixed"}))
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    pipe = NextStepPipeline.from_pretrained(folder, device="cpu")
+    assert pipe.autocast_dtype == torch.bfloat16 and pipe.model.embed_tokens.weight.dtype == torch.float32
+    assert NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32").autocast_dtype is None
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower
+    assert NextStepPipeline.from_pretrained(folder, device="cpu").autocast_dtype is None
+    assert devices.resolve("cpu", "bf16-mixed") == (torch.device("cpu"), torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+        devices.resolve("cpu", "bf16".replace("6", "7"))
 
 
 def test_save_pretrained_keeps_defaults(pipe: NextStepPipeline, tmp_path: Path) -> None:
@@ -289,6 +323,9 @@ class StubPipe:
         self.generation_defaults = {**OFFICIAL_DEFAULTS, "hw": [64, 64]}
         self.default_size = (64, 64)
         self.model = SimpleNamespace(config=SimpleNamespace(family="nextstep-1"))
+
+    def edit_prompt(self, instruction: str) -> str:
+        return with_image_tag(instruction)
 
     def generate_image(self, captions, images, n, seed, progress, **settings):
         if images is not None:

@@ -233,3 +233,25 @@ def test_fused_flow_net_equals_module(pipe, groups):
         for s in range(S):
             want = net(x.repeat(groups, 1), t[s].expand(groups * B), c)
             close(fused.velocity(x, mod[s], groups), want, 1e-5, f"step {s}")
+
+
+def test_fused_flow_net_under_autocast_runs_its_matmuls_in_bf16(pipe):
+    """Under autocast the fused net casts its matmul weights once (norm weights stay fp32) and
+    still computes FlowNet.forward, to bf16 precision."""
+    from nextstep.model.flow_head import FusedFlowNet
+
+    net = pipe.model.image_head.net
+    g = torch.Generator().manual_seed(4)
+    x, c, t = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g), torch.rand(3, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = FusedFlowNet(net)
+        assert fused.mod_weight.dtype == torch.bfloat16 and fused.blocks[0][3].dtype == torch.bfloat16
+        assert fused.blocks[0][0].dtype == torch.float32  # the layer norm's own weight
+        mod = fused.modulation(net.time_embed(t), c)
+        got = [fused.velocity(x, mod[s]).float() for s in range(3)]
+    with torch.no_grad():
+        for s in range(3):
+            want = net(x, t[s].expand(4), c)
+            err = (got[s] - want).abs().max().item()
+            assert err <= 0.05 * want.abs().max().item() + 1e-3, f"step {s}: {err}"
+    assert FusedFlowNet(net).mod_weight.dtype == torch.float32  # outside autocast nothing is cast

@@ -65,7 +65,6 @@ def read_source(path: Path, hw: tuple[int, int]) -> Image.Image:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.benchmark import generate_batches, generation_settings
-    from ..pipeline import with_image_tag
 
     single = check_mode(args, args.instruction, "INSTRUCTION")
     check_positive(**{"-n": args.num_images, "--batch-size": args.batch_size})
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     check_size(pipe, settings["hw"])
     # Read every source before generating anything, so a bad one costs no work and leaves no files.
     sources = [read_source(base / r["image"], settings["hw"]) for r in rows]
-    captions = [with_image_tag(r["instruction"]) for r in rows]
+    captions = [pipe.edit_prompt(r["instruction"]) for r in rows]
     n, output = args.num_images, args.output or Path("out.png")
     for start, groups in generate_batches(pipe, captions, sources, n, args.batch_size, args.seed, progress=True,
                                           negative_prompt=args.negative_prompt, **settings):

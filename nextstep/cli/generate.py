@@ -45,7 +45,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", type=Path, default=None, metavar="DIR",
                    help="VAE folder (default: from the model's config)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: CUDA if present)")
-    p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: by device)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or bf16-mixed (fp32 weights, bf16 matmuls); "
+                        "default: the model's choice for CPUs, else by device")
 
 
 def load_pipeline(args: argparse.Namespace):

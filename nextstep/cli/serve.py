@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait (default 120)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or bf16-mixed (default: the model's choice for CPUs, else the device's)")
     p.set_defaults(run=run)
 
 

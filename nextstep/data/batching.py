@@ -12,7 +12,8 @@ is learnt with no text before it (what an empty prompt conditions on at
 inference) while the caption text still trains the language head.
 
 Editing row, the instruction holding the source image where `<image>` stands
-(at its start if it has no tag), then the target:
+(if it has no tag: at its start, or with `source_image="last"` at its end, which puts
+source token k a fixed distance before target token k), then the target:
 
     [text before <image>] + source block + [text after] + target block + <|endoftext|>
 
@@ -77,7 +78,7 @@ class Collator:
 
     def __init__(self, tokenizer: TextTokenizer, caption_dropout: float = 0.1, source_dropout: float = 0.0,
                  seed: int = 0, max_length: int | None = None, add_eos: bool = True,
-                 token_pixels: int = TOKEN_PIXELS) -> None:
+                 token_pixels: int = TOKEN_PIXELS, source_image: str = "first") -> None:
         for name, p in (("caption_dropout", caption_dropout), ("source_dropout", source_dropout)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p!r}")
@@ -87,6 +88,9 @@ class Collator:
         self.max_length = max_length
         self.eos = eos_id(tokenizer) if add_eos else None
         self.token_pixels = token_pixels  # pixels per image token side: VAE factor x latent patch
+        if source_image not in ("first", "last"):
+            raise ValueError(f"source_image must be 'first' or 'last', got {source_image!r}")
+        self.source_image = source_image  # where an instruction without <image> gets its source
         self._block = lru_cache(maxsize=64)(self._block_ids)
 
     # ------------------------------------------------------------------ one row
@@ -133,7 +137,7 @@ class Collator:
             if instruction.count(IMAGE_TAG) > 1:
                 raise ValueError(f"instruction holds {instruction.count(IMAGE_TAG)} {IMAGE_TAG} tags; one is allowed")
             if IMAGE_TAG not in instruction:
-                instruction = IMAGE_TAG + instruction
+                instruction = IMAGE_TAG + instruction if self.source_image == "first" else instruction + IMAGE_TAG
             dropped = u < self.source_dropout + self.caption_dropout
             before, _, after = instruction.partition(IMAGE_TAG)
             if dropped:

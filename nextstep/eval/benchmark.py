@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import CATEGORIES, EDIT_OPS, Scene, render_image, sample_caption, sample_edit
 from ..io.atomic import atomic_write
-from ..pipeline import FAMILIES, NextStepPipeline, with_image_tag
+from ..pipeline import FAMILIES, NextStepPipeline
 from .shapes import check, check_edit
 
 PASS, FAIL, NEUTRAL = (40, 190, 70), (220, 30, 30), (150, 150, 150)
@@ -184,7 +184,7 @@ def run_edits_benchmark(pipe: NextStepPipeline, per_kind: int = 40, n: int = 4, 
     all_cases = benchmark_edit_cases(per_kind, seed, size)
     flat = [case for kind in EDIT_OPS for case in all_cases[kind]]
     sources = [render_image(case.source) for case in flat]
-    captions = [with_image_tag(case.instruction) for case in flat]
+    captions = [pipe.edit_prompt(case.instruction) for case in flat]
     cases: dict[str, list[dict]] = {k: [] for k in EDIT_OPS}
     grids: dict[str, list[list[tuple[Image.Image, bool | None]]]] = {k: [] for k in EDIT_OPS}
     for start, groups in generate_batches(pipe, captions, sources, n, batch_size, seed, progress, **settings):

@@ -74,15 +74,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cache.k[layer].index_copy_(2, input_pos, k)
-            cache.v[layer].index_copy_(2, input_pos, v)
+            # (under autocast the projections come out in bf16 while the cache keeps the model's dtype)
+            cache.k[layer].index_copy_(2, input_pos, k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, input_pos, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer], cache.v[layer]
         # Grouped-query attention without copying K/V: the G query heads that
         # share a KV head are folded into the query-length axis.
         # `mask` comes pre-expanded to (B, 1, G*T, L) by `gqa_mask`, once for all layers.
         q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # CUDA kernels may return non-contiguous y
+        # reshape, not view: CUDA kernels may return a non-contiguous y
+        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
 

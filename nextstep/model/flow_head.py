@@ -102,13 +102,21 @@ class FusedFlowNet:
             bias[self.dim: 2 * self.dim] += 1  # chunks are (shift, scale, [gate]): scale -> 1 + scale
             weights.append(layer.weight.detach())
             biases.append(bias)
-        self.mod_weight = torch.cat(weights)
-        self.mod_bias = torch.cat(biases)
+        # Under autocast, matmul weights are cast here once instead of by autocast at every call
+        # (these detached tensors fall outside autocast's weight cache); norms stay as they are.
+        device_type = net.input_proj.weight.device.type
+        mm = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+        def w(t: Tensor) -> Tensor:
+            return t.detach() if mm is None else t.detach().to(mm)
+
+        self.mod_weight = w(torch.cat(weights))
+        self.mod_bias = w(torch.cat(biases))
         # Plain tensors, read without nn.Module attribute lookups in the hot loop.
-        self.input_proj = (net.input_proj.weight, net.input_proj.bias)
-        self.blocks = [(b.in_ln.weight, b.in_ln.bias, b.in_ln.eps, b.mlp[0].weight, b.mlp[0].bias,
-                        b.mlp[2].weight, b.mlp[2].bias) for b in net.res_blocks]
-        self.final = (net.final_layer.linear.weight, net.final_layer.linear.bias)
+        self.input_proj = (w(net.input_proj.weight), w(net.input_proj.bias))
+        self.blocks = [(b.in_ln.weight, b.in_ln.bias, b.in_ln.eps, w(b.mlp[0].weight), w(b.mlp[0].bias),
+                        w(b.mlp[2].weight), w(b.mlp[2].bias)) for b in net.res_blocks]
+        self.final = (w(net.final_layer.linear.weight), w(net.final_layer.linear.bias))
 
     def modulation(self, t_emb: Tensor, c: Tensor) -> Tensor:
         """adaLN parameters for times t_emb (S, dim) and conditions c (R, cond_dim): (S, R, (3*depth+2)*dim)."""

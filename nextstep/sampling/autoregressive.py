@@ -35,7 +35,9 @@ def decode_one_token(model: NextStep, embed: Tensor, pos: Tensor, key_valid: Ten
     return model.hidden_states(embed[:, None], pos, key_valid, cache, (cos, sin))[:, -1]
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: under inference_mode autocast recasts every weight at
+# every call (its weight cache is off), which doubles the cost of the tiny batch-1 matmuls.
+@torch.no_grad()
 def generate_tokens(
     model: NextStep,
     input_ids: Tensor,

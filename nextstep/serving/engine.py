@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..eval.benchmark import generation_settings
 from ..pipeline import GenerationRequest, NextStepPipeline, merge_requests
-from ..text import IMAGE_TAG, image_block, image_prefix
+from ..text import image_block, image_prefix
 
 logger = logging.getLogger("nextstep.serving")
 
@@ -166,7 +166,7 @@ class Engine:
 
     def _prepare(self, job: Job) -> GenerationRequest:
         s = job.settings
-        prompt = job.prompt if not s.edit or IMAGE_TAG in job.prompt else IMAGE_TAG + job.prompt
+        prompt = self.pipe.edit_prompt(job.prompt) if s.edit else job.prompt
         settings = generation_settings(self.pipe, cfg=s.cfg, cfg_img=s.cfg_img, steps=s.steps)
         settings["hw"] = (s.height, s.width)
         return self.pipe.prepare(prompt, images=job.image if s.edit else None, seed=job.seed,

@@ -48,6 +48,7 @@ class DataSection:
     batch_size: int = 16  # global, over all ranks and accumulation steps
     num_workers: int = 0
     caption_dropout: float = 0.1
+    source_image: str = "first"  # edits: where an instruction without <image> gets its source ("first"/"last")
 
 
 @dataclass
@@ -122,6 +123,8 @@ class TrainConfig:
             problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout={self.data.caption_dropout} (must be in [0, 1))")
+        if self.data.source_image not in ("first", "last"):
+            problems.append(f"data.source_image={self.data.source_image!r} (first or last)")
         per_step = world_size * self.optim.grad_accum
         if self.data.batch_size % per_step:
             problems.append(f"data.batch_size={self.data.batch_size} is not divisible by "

@@ -259,7 +259,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     per_rank = config.data.batch_size // (env.world_size * accum)
     token_pixels = vae.down_factor * model.config.latent_patch_size
     collator = Collator(tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed,
-                        token_pixels=token_pixels)
+                        token_pixels=token_pixels, source_image=config.data.source_image)
     batches = Batches(config, collator, per_rank, env.rank, env.world_size)
     o = config.optim
     optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
