@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
-nextstep train recipes/shapes                     # stages 1-5 in order; stops before the DPO stage
-final=runs/shapes/5-more/export
+nextstep train recipes/shapes                     # stages 1-6 in order; stops before the DPO stage
+final=runs/shapes/6-edit-order/export
 nextstep eval shapes --model "$final" --out runs/shapes/eval-shapes
 nextstep eval edits --model "$final" --out runs/shapes/eval-edits
 python -m nextstep.training.ship "$final" nextstep/assets/shapes \
