@@ -29,7 +29,7 @@ from .model.pos_embed import sincos_2d
 from .sampling import FlowSampler
 from .sampling.autoregressive import generate_tokens
 from .sampling.flow import SAMPLERS
-from .text import IMAGE_TAG, TextTokenizer, image_block, image_prefix
+from .text import IMAGE_TAG, SOURCE_IMAGE_PLACES, TextTokenizer, image_block, image_prefix, with_image_tag
 from .vae import AutoencoderKL, DiagonalGaussian
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -44,10 +44,6 @@ GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 OFFICIAL_DEFAULTS: dict[str, Any] = {"cfg": 7.5, "cfg_img": 2.0, "num_sampling_steps": 28, "use_norm": False,
                                      "timesteps_shift": 1.0, "cfg_schedule": "constant", "sampler": None,
                                      "source_image": "first", "cpu_dtype": None}
-# Where an edit prompt without an `<image>` tag gets its source image: "first" (before the
-# instruction, as the official models are trained) or "last" (right before the target, so
-# that source token k and target token k are a fixed number of positions apart).
-SOURCE_IMAGE_PLACES = ("first", "last")
 
 
 def _is_number(v: Any) -> bool:
@@ -88,16 +84,6 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
         if not ok(value):
             raise CheckpointError(f"{path}: {key} must be {expected}, got {value!r}")
     return d
-
-
-def with_image_tag(prompt: str, place: str = "first") -> str:
-    """An edit prompt with its source-image slot: `<image>` goes at the `place` ("first" or
-    "last") unless the prompt places it itself."""
-    if place not in SOURCE_IMAGE_PLACES:
-        raise ValueError(f"source image place must be one of {list(SOURCE_IMAGE_PLACES)}, got {place!r}")
-    if IMAGE_TAG in prompt:
-        return prompt
-    return IMAGE_TAG + prompt if place == "first" else prompt + IMAGE_TAG
 
 
 def seed_from(generator: torch.Generator | int | None) -> int:

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    pipe = NextStepPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     if args.gather_ms < 0:
         raise ValueError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+    pipe = NextStepPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     engine = Engine(pipe, slots=args.slots, max_queue=args.max_queue, gather_s=args.gather_ms / 1000)
     limits = Limits(max_n=args.max_n, timeout_s=args.timeout)
     name = args.model.name if args.model else "nextstep-shapes"

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..text import IMAGE_TAG, TextTokenizer, image_area
+from ..text import IMAGE_TAG, SOURCE_IMAGE_PLACES, TextTokenizer, image_area, with_image_tag
 from .buckets import TOKEN_PIXELS
 from .stream import META, is_bookkeeping
 
@@ -88,7 +88,7 @@ class Collator:
         self.max_length = max_length
         self.eos = eos_id(tokenizer) if add_eos else None
         self.token_pixels = token_pixels  # pixels per image token side: VAE factor x latent patch
-        if source_image not in ("first", "last"):
+        if source_image not in SOURCE_IMAGE_PLACES:
             raise ValueError(f"source_image must be 'first' or 'last', got {source_image!r}")
         self.source_image = source_image  # where an instruction without <image> gets its source
         self._block = lru_cache(maxsize=64)(self._block_ids)
@@ -136,8 +136,7 @@ class Collator:
             instruction = sample["instruction"]
             if instruction.count(IMAGE_TAG) > 1:
                 raise ValueError(f"instruction holds {instruction.count(IMAGE_TAG)} {IMAGE_TAG} tags; one is allowed")
-            if IMAGE_TAG not in instruction:
-                instruction = IMAGE_TAG + instruction if self.source_image == "first" else instruction + IMAGE_TAG
+            instruction = with_image_tag(instruction, self.source_image)
             dropped = u < self.source_dropout + self.caption_dropout
             before, _, after = instruction.partition(IMAGE_TAG)
             if dropped:

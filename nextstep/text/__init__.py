@@ -1,4 +1,5 @@
-from .sequence import IMAGE_TAG, image_area, image_block, image_prefix
+from .sequence import IMAGE_TAG, SOURCE_IMAGE_PLACES, image_area, image_block, image_prefix, with_image_tag
 from .tokenizer import TextTokenizer
 
-__all__ = ["IMAGE_TAG", "TextTokenizer", "image_area", "image_block", "image_prefix"]
+__all__ = ["IMAGE_TAG", "SOURCE_IMAGE_PLACES", "TextTokenizer", "image_area", "image_block", "image_prefix",
+           "with_image_tag"]

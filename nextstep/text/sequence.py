@@ -11,6 +11,20 @@ from __future__ import annotations
 from .tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_AREA, IMAGE_PLACEHOLDER
 
 IMAGE_TAG = "<image>"  # where an edit caption puts its source image
+# Where an edit prompt without an `<image>` tag gets its source image: "first" (before the
+# instruction, as the official models are trained) or "last" (right before the target, so
+# that source token k and target token k are a fixed number of positions apart).
+SOURCE_IMAGE_PLACES = ("first", "last")
+
+
+def with_image_tag(prompt: str, place: str = "first") -> str:
+    """An edit prompt with its source-image slot: `<image>` goes at the `place` ("first" or
+    "last") unless the prompt places it itself."""
+    if place not in SOURCE_IMAGE_PLACES:
+        raise ValueError(f"source image place must be one of {list(SOURCE_IMAGE_PLACES)}, got {place!r}")
+    if IMAGE_TAG in prompt:
+        return prompt
+    return IMAGE_TAG + prompt if place == "first" else prompt + IMAGE_TAG
 
 
 def image_area(h_tokens: int, w_tokens: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..text import SOURCE_IMAGE_PLACES
 from .config_file import build, read_toml
 
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
@@ -123,7 +124,7 @@ class TrainConfig:
             problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout={self.data.caption_dropout} (must be in [0, 1))")
-        if self.data.source_image not in ("first", "last"):
+        if self.data.source_image not in SOURCE_IMAGE_PLACES:
             problems.append(f"data.source_image={self.data.source_image!r} (first or last)")
         per_step = world_size * self.optim.grad_accum
         if self.data.batch_size % per_step:
