@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import nextstep.training.vae as vae_training
 from nextstep.cli import main
 from nextstep.data import ShapesDataset
 from nextstep.errors import ConfigError
+from nextstep.training.ship import check_same_latents
 from nextstep.training.vae import VAETrainConfig, train_vae
 from nextstep.vae import AutoencoderKL
 
@@ -196,3 +198,33 @@ def test_refuses_to_overwrite_or_resume_a_changed_run(full_run: Path, tmp_path: 
     changed.lr = 1e-4
     with pytest.raises(ConfigError, match=r"config changed since its checkpoint in \['lr'\]"):
         train_vae(changed, resume=True, progress=False)
+
+
+def test_freeze_encoder_keeps_the_latent_space_and_trains_the_decoder(full_run: Path, tmp_path: Path) -> None:
+    base = AutoencoderKL.from_pretrained(full_run / "export")
+    extra = f'init_from = "{full_run / "export"}"\nfreeze_encoder = true\n'
+    toml = write_config(tmp_path, tmp_path / "run", extra).read_text().replace("steps = 30", "steps = 5")
+    (tmp_path / "vae.toml").write_text(toml)
+    tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"),
+                                                    progress=False))
+    a, b = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    # The scaled latents, what a generator was trained on, are the base's bit for bit.
+    assert (tuned.config.shift_factor, tuned.config.scaling_factor) == \
+        (base.config.shift_factor, base.config.scaling_factor)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["scaling_factor"] == base.config.scaling_factor
+    # Shipping accepts it in place of the base; a VAE with another encoder or scaling is refused.
+    check_same_latents(base, tuned)
+    with pytest.raises(ValueError, match="encoder tensors differ"):
+        check_same_latents(base, AutoencoderKL(base.config))
+    rescaled = AutoencoderKL.from_pretrained(full_run / "export")
+    rescaled.config = dataclasses.replace(rescaled.config, scaling_factor=2 * base.config.scaling_factor)
+    with pytest.raises(ValueError, match="shift, scale"):
+        check_same_latents(base, rescaled)
+
+
+def test_freeze_encoder_needs_a_base(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'freeze_encoder' needs 'init_from'"):
+        VAETrainConfig.from_toml(write_config(tmp_path, tmp_path / "run", "freeze_encoder = true\n"))

@@ -1,11 +1,14 @@
 """Package a trained model for shipping: the official layout, generation defaults, a model card.
 
-`python -m nextstep.training.ship EXPORT DEST --defaults D.json --card CARD.md [--dtype bfloat16]`
+`python -m nextstep.training.ship EXPORT DEST --defaults D.json --card CARD.md [--vae DIR] [--dtype bfloat16]`
 copies a finished run's export (model, tokenizer, VAE) to DEST, its
 floating-point tensors stored in `--dtype` (float32 keeps the trained weights
 exactly; bfloat16 halves the bytes, and the pipeline loads either in its own
 dtype), and writes `generation_defaults.json` (what the command line and
-`pipe(...)` use when not told otherwise) and `MODEL_CARD.md`.
+`pipe(...)` use when not told otherwise) and `MODEL_CARD.md`. `--vae` ships
+another VAE instead of the export's: one whose decoder was fine-tuned with
+`freeze_encoder` (same encoder, same latent scaling), which the model fits as
+it fits its own; any other VAE is refused.
 """
 
 from __future__ import annotations
@@ -28,12 +31,29 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype = torch.float32) -> int:
+def check_same_latents(trained_on: AutoencoderKL, other: AutoencoderKL) -> None:
+    """Raise unless `other` maps images to exactly the latents `trained_on` does (encoder and scaling)."""
+    a, b = trained_on.state_dict(), other.state_dict()
+    differ = [k for k in a if k.startswith("encoder.") and (k not in b or not torch.equal(a[k], b[k]))]
+    factors = [(trained_on.config.shift_factor, trained_on.config.scaling_factor),
+               (other.config.shift_factor, other.config.scaling_factor)]
+    if differ or factors[0] != factors[1]:
+        what = f"{len(differ)} encoder tensors differ" if differ else f"(shift, scale) {factors[1]} != {factors[0]}"
+        raise ValueError(f"--vae: not the latent space the model was trained on ({what}); only a VAE whose "
+                         "decoder alone was fine-tuned (freeze_encoder = true) can replace it")
+
+
+def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype = torch.float32,
+         vae_dir: Path | None = None) -> int:
     """Write the shipped model to `dest` (replaced as a whole); returns its size in bytes."""
     cpu = torch.device("cpu")
     model = load_model(export, cpu, dtype)
-    vae_dir = export / (model.config.vae_name_or_path or "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, family=model.config.family)
+    family = model.config.family
+    own_dir = export / (model.config.vae_name_or_path or "vae")
+    if vae_dir is not None:
+        check_same_latents(AutoencoderKL.from_pretrained(own_dir, family=family),
+                           AutoencoderKL.from_pretrained(vae_dir, family=family))
+    vae = AutoencoderKL.from_pretrained(vae_dir or own_dir, dtype=dtype, family=family)
     tokenizer = TextTokenizer.from_pretrained(export)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and swap it in, so an interrupted ship never leaves half a model.
@@ -64,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", type=Path, help="where the shipped model goes (e.g. nextstep/assets/shapes)")
     p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json to ship")
     p.add_argument("--card", type=Path, required=True, help="MODEL_CARD.md to ship")
+    p.add_argument("--vae", type=Path, help="ship this VAE (the same encoder, a fine-tuned decoder) instead")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
     args = p.parse_args(argv)
     size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
-                getattr(torch, args.dtype))
+                getattr(torch, args.dtype), args.vae)
     print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")
     return 0
 

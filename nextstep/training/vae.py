@@ -111,6 +111,9 @@ class VAETrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     init_from: str | None = None  # a VAE folder to fine-tune (its config, updated by `vae`)
+    # Train the decoder only: the encoder, and so the latent space and its shift/scale, stay
+    # exactly those of `init_from`, and every generator trained on them still fits.
+    freeze_encoder: bool = False
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
@@ -151,6 +154,8 @@ class VAETrainConfig:
                 raise ConfigError(f"config key 'loss.{name}' must be >= 0, got {getattr(self.loss, name)}")
         if self.loss.l1 == 0 and self.loss.mse == 0:
             raise ConfigError("config keys 'loss.l1' and 'loss.mse' are both 0: nothing would train the decoder")
+        if self.freeze_encoder and self.init_from is None:
+            raise ConfigError("config key 'freeze_encoder' needs 'init_from': a new encoder cannot stay frozen")
         if self.data.image_size <= 0:
             raise ConfigError(f"config key 'data.image_size' must be positive, got {self.data.image_size}")
         if self.data.is_shapes and self.data.heldout_source is not None:
@@ -446,12 +451,18 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                 except RuntimeError as e:
                     raise CheckpointError(f"init_from {config.init_from} does not fit the [vae] architecture: "
                                           f"{e}") from None
+                if config.freeze_encoder:
+                    model.config = dataclasses.replace(model.config, shift_factor=base.config.shift_factor,
+                                                       scaling_factor=base.config.scaling_factor)
                 del base
             else:
                 model = AutoencoderKL(config.vae_config())
                 _start_nearly_deterministic(model)
         model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
+        if config.freeze_encoder:
+            model.encoder.requires_grad_(False).eval()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=tuple(config.betas),
                                       weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed)  # every random draw of the loop
         if loaded is not None:
@@ -480,7 +491,8 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                posterior = model.encode(x)
+                with torch.set_grad_enabled(not config.freeze_encoder):
+                    posterior = model.encode(x)
                 z = posterior.sample(generator)
                 z = perturb(z, config.loss.noise_max, generator)
                 x_rec = model.decode(z)
@@ -490,7 +502,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
                 optimizer.step()
                 step += 1
 
@@ -551,8 +563,11 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
     """Latent normalisation and PSNR on the held-out images, report.json, export."""
     model.eval()
     means = latent_means(model, heldout, config.batch_size).double()
-    shift = means.mean().item()
-    scale = 1.0 / means.std().item()
+    if config.freeze_encoder:  # the base's latent space, bit for bit: generators trained on it still fit
+        shift, scale = model.config.shift_factor, model.config.scaling_factor
+    else:
+        shift = means.mean().item()
+        scale = 1.0 / means.std().item()
     model.config = dataclasses.replace(model.config, shift_factor=shift, scaling_factor=scale)
 
     device = next(model.parameters()).device
