@@ -228,3 +228,14 @@ def test_freeze_encoder_keeps_the_latent_space_and_trains_the_decoder(full_run: 
 def test_freeze_encoder_needs_a_base(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'freeze_encoder' needs 'init_from'"):
         VAETrainConfig.from_toml(write_config(tmp_path, tmp_path / "run", "freeze_encoder = true\n"))
+
+
+def test_shapes_recipe_vae_stages_parse() -> None:
+    """The recipe's tokenizer stages read cleanly; the decoder stages keep their base's latent space."""
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    configs = {p.name: VAETrainConfig.from_toml(p) for p in sorted(root.glob("vae*.toml"))}
+    assert {"vae.toml", "vae-decoder.toml", "vae-decoder-2.toml"} <= set(configs)
+    assert not configs["vae.toml"].freeze_encoder
+    first, second = configs["vae-decoder.toml"], configs["vae-decoder-2.toml"]
+    assert first.freeze_encoder and first.init_from == configs["vae.toml"].run_dir + "/export"
+    assert second.freeze_encoder and second.init_from == first.run_dir + "/export"

@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
-nextstep train recipes/shapes                     # stages 1-6 in order; stops before the DPO stage
-final=runs/shapes/6-edit-order/export
-nextstep eval shapes --model "$final" --out runs/shapes/eval-shapes
-nextstep eval edits --model "$final" --out runs/shapes/eval-edits
-python -m nextstep.training.ship "$final" nextstep/assets/shapes \
+nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
+nextstep train recipes/shapes                     # stages 1-7 in order; stops before the DPO stage
+python -m nextstep.training.ship runs/shapes/7-more/export nextstep/assets/shapes --vae runs/shapes/vae-dec/export \
     --defaults recipes/shapes/generation_defaults.json --card recipes/shapes/MODEL_CARD.md
+nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
+nextstep eval edits --out runs/shapes/eval-edits
 echo "built in $(( ($(date +%s) - start) / 60 )) minutes"
