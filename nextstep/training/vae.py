@@ -21,6 +21,13 @@ What one step does (read `train_vae` top to bottom):
 5. AdamW step with the gradient norm clipped, the learning rate warmed up linearly
    and then decayed by a cosine to `min_lr_ratio * lr`.
 
+`freeze_encoder = true` (with `init_from`) trains the decoder alone: the encoder
+stays in eval mode without gradients and the export keeps the base's
+`shift_factor` and `scaling_factor`, so the latents, and every generator trained
+on them, are unchanged (`python -m nextstep.training.ship --vae` accepts only such
+a VAE). A generator's tokens are never exactly an encoder's; a decoder trained
+longer on noisier latents turns them into cleaner images (recipes/shapes).
+
 The paper fine-tunes the Flux VAE with reconstruction and perceptual (LPIPS)
 losses; LPIPS needs pretrained VGG weights, which we do not depend on, so only the
 pixel losses are here (`init_from` starts from a pretrained tokenizer).
