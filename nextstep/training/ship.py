@@ -39,7 +39,7 @@ def check_same_latents(trained_on: AutoencoderKL, other: AutoencoderKL) -> None:
                (other.config.shift_factor, other.config.scaling_factor)]
     if differ or factors[0] != factors[1]:
         what = f"{len(differ)} encoder tensors differ" if differ else f"(shift, scale) {factors[1]} != {factors[0]}"
-        raise ValueError(f"--vae: not the latent space the model was trained on ({what}); only a VAE whose "
+        raise ValueError(f"not the latent space the model was trained on ({what}); only a VAE whose "
                          "decoder alone was fine-tuned (freeze_encoder = true) can replace it")
 
 
@@ -50,10 +50,10 @@ def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype
     model = load_model(export, cpu, dtype)
     family = model.config.family
     own_dir = export / (model.config.vae_name_or_path or "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir or own_dir, family=family)
     if vae_dir is not None:
-        check_same_latents(AutoencoderKL.from_pretrained(own_dir, family=family),
-                           AutoencoderKL.from_pretrained(vae_dir, family=family))
-    vae = AutoencoderKL.from_pretrained(vae_dir or own_dir, dtype=dtype, family=family)
+        check_same_latents(AutoencoderKL.from_pretrained(own_dir, family=family), vae)  # compared in float32
+    vae = vae.to(dtype)
     tokenizer = TextTokenizer.from_pretrained(export)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and swap it in, so an interrupted ship never leaves half a model.

@@ -498,8 +498,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                with torch.set_grad_enabled(not config.freeze_encoder):
-                    posterior = model.encode(x)
+                posterior = model.encode(x)  # a frozen encoder's parameters need no grad: no graph is kept
                 z = posterior.sample(generator)
                 z = perturb(z, config.loss.noise_max, generator)
                 x_rec = model.decode(z)
