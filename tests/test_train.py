@@ -82,6 +82,22 @@ def test_loss_goes_down(tmp_path, ref10):
                                                                        num_sampling_steps=4, progress=False)
     assert image.size == (32, 32)
 
+    # A stage that continues this export may change training-only fields: the head then draws
+    # 3 samples per token, and the next export records it; the weights keep their shapes.
+    from nextstep.training.train import build_parts
+
+    more = tmp_path / "more.toml"
+    more.write_text(f'out_dir = "{tmp_path / "more"}"\nsteps = 2\ninit_from = "{export}"\n'
+                    "[model]\nconfig = { fm_head_batch_mul = 3, lm_loss_weight = 0.5 }\n"
+                    '[data]\nsources = [{ kind = "shapes", size = 32 }]\nbatch_size = 4\n'
+                    "[train]\ntensorboard = false\nsample_steps = 2\nsample_size = 32\n")
+    stage2 = TrainConfig.from_file(more)
+    model, _, _ = build_parts(stage2, torch.device("cpu"))
+    assert model.image_head.batch_mul == 3 and model.config.lm_loss_weight == 0.5
+    saved = json.loads((train(stage2) / "config.json").read_text())
+    assert saved["fm_head_batch_mul"] == 3 and saved["lm_loss_weight"] == 0.5
+    assert saved["hidden_size"] == json.loads((export / "config.json").read_text())["hidden_size"]
+
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):
     whole = write_config(tmp_path, ref10 / "vae", out="whole")
@@ -140,6 +156,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
     ('[model]\nlm_init = "/no/qwen"\n', "lm_init='/no/qwen' does not exist"),
     ("[optim]\nlr = \"fast\"\n", "config key 'optim.lr' must be a number, got 'fast'"),
+    ('init_from = "."\n[model]\nconfig = { hidden_size = 64, fm_head_batch_mul = 8 }\n',
+     "model.config sets ['hidden_size'], which the init_from model fixes"),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -22,9 +22,15 @@ NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
 SOURCE_KINDS = ("shapes", "files")
 
 
+# NextStepConfig fields that only shape training (no parameter depends on them), so a stage may
+# change them for a model it continues from `init_from`.
+TRAINING_ONLY_FIELDS = ("fm_head_batch_mul", "lm_loss_weight", "im_loss_weight")
+
+
 @dataclass
 class ModelSection:
-    """A new model (used when `init_from` is empty): NextStepConfig overrides plus its parts."""
+    """A new model (used when `init_from` is empty): NextStepConfig overrides plus its parts.
+    With `init_from`, `config` may set only `TRAINING_ONLY_FIELDS`."""
 
     tokenizer: str = "shapes"  # a folder with tokenizer.json, or "shapes" to build the shapes-world BPE
     vae: str = ""  # a VAE folder (official layout)
@@ -144,6 +150,10 @@ class TrainConfig:
         if self.init_from:
             if not Path(self.init_from).is_dir():
                 problems.append(f"init_from={self.init_from!r} does not exist (run the previous stage first)")
+            fixed = sorted(set(self.model.config) - set(TRAINING_ONLY_FIELDS))
+            if fixed:
+                problems.append(f"model.config sets {fixed}, which the init_from model fixes; a stage that "
+                                f"continues a model may only set {list(TRAINING_ONLY_FIELDS)}")
         else:
             if self.model.tokenizer != "shapes" and not (Path(self.model.tokenizer) / "tokenizer.json").is_file():
                 problems.append(f"model.tokenizer={self.model.tokenizer!r} has no tokenizer.json")

@@ -24,6 +24,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, Te
     if config.init_from:
         folder = Path(config.init_from)
         model = load_model(folder, device, torch.float32).train()
+        if config.model.config:  # training-only fields (TrainConfig refuses any other)
+            model.config = replace(model.config, **config.model.config)
+            model.config.validate(f"{config.source} [model]")
+            model.image_head.batch_mul = model.config.fm_head_batch_mul
         tokenizer = TextTokenizer.from_pretrained(folder)
         vae_dir = folder / (model.config.vae_name_or_path or "vae")
     else:
