@@ -37,8 +37,8 @@ from ..config import NextStepConfig
 from ..data import Collator, ShapesDataset, open_dataset
 from ..data.buckets import TOKEN_PIXELS
 from ..io import load_model
-from ..io.checkpoint import load_language_model
 from ..io.atomic import atomic_write
+from ..io.checkpoint import load_language_model
 from ..model import NextStep
 from ..pipeline import NextStepPipeline
 from ..text import TextTokenizer
