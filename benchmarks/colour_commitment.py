@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from nextstep.data.batching import Collator
-from nextstep.data.shapes import COLOURS, Caption, Phrase, render, sample_scene, to_pixels
+from nextstep.data.shapes import (
+    COLOURS,
+    Caption,
+    Phrase,
+    render,
+    sample_scene,
+    to_pixels,
+)
 from nextstep.pipeline import NextStepPipeline
 
 
