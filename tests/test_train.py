@@ -98,6 +98,30 @@ def test_loss_goes_down(tmp_path, ref10):
     assert saved["fm_head_batch_mul"] == 3 and saved["lm_loss_weight"] == 0.5
     assert saved["hidden_size"] == json.loads((export / "config.json").read_text())["hidden_size"]
 
+    # Shipping a blend of the two stages: exactly the weighted average of their weights.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from nextstep.training.ship import main as ship_main
+
+    export2 = tmp_path / "more" / "export"
+    args = [str(export), str(tmp_path / "blend"), "--defaults", str(tmp_path / "d.json"), "--card", str(more)]
+    (tmp_path / "d.json").write_text("{}")
+    assert ship_main(args + ["--blend", str(export2), "0.25"]) == 0
+    a, b = load_file(export / "model.safetensors"), load_file(export2 / "model.safetensors")
+    blended = load_file(tmp_path / "blend" / "model.safetensors")
+    assert blended.keys() == a.keys()
+    assert all(torch.allclose(blended[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in a)
+    assert not torch.equal(blended["lm_head.weight"], a["lm_head.weight"])
+    # A model of another config (here its RoPE base) is refused, naming the difference.
+    other = tmp_path / "other"
+    shutil.copytree(export2, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 500.0}))
+    with pytest.raises(ValueError, match=r"configs differ in \['rope_theta'\]"):
+        ship_main(args + ["--blend", str(other), "0.25"])
+
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):
     whole = write_config(tmp_path, ref10 / "vae", out="whole")

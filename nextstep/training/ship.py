@@ -8,7 +8,10 @@ dtype), and writes `generation_defaults.json` (what the command line and
 `pipe(...)` use when not told otherwise) and `MODEL_CARD.md`. `--vae` ships
 another VAE instead of the export's: one whose decoder was fine-tuned with
 `freeze_encoder` (same encoder, same latent scaling), which the model fits as
-it fits its own; any other VAE is refused.
+it fits its own; any other VAE is refused. `--blend OTHER W` ships the weighted
+average (1 - W) * EXPORT + W * OTHER of two runs of the same model (a "model soup":
+say, a stage's export and the one before it), which can generalise better than
+either; OTHER must have the same architecture, tokenizer and latent space.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from pathlib import Path
 import torch
 
 from ..io import load_model, save_model
+from ..model import NextStep
 from ..pipeline import load_generation_defaults
 from ..text import TextTokenizer
 from ..vae import AutoencoderKL
+from .config import TRAINING_ONLY_FIELDS
 
 
 def folder_bytes(folder: Path) -> int:
@@ -43,11 +48,35 @@ def check_same_latents(trained_on: AutoencoderKL, other: AutoencoderKL) -> None:
                          "decoder alone was fine-tuned (freeze_encoder = true) can replace it")
 
 
+def blend_into(model: NextStep, export: Path, other: Path, weight: float) -> None:
+    """Set `model` (loaded from `export`, float32) to (1 - weight) * itself + weight * the model in `other`."""
+    if not 0 < weight < 1:
+        raise ValueError(f"blend weight must be between 0 and 1 (exclusive), got {weight}")
+    second = load_model(other, torch.device("cpu"), torch.float32)
+    mine, theirs = (m.config.to_dict() for m in (model, second))
+    differ = sorted(k for k in mine.keys() | theirs.keys()
+                    if k not in TRAINING_ONLY_FIELDS and mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"cannot blend {export} with {other}: their configs differ in {differ}")
+    if TextTokenizer.from_pretrained(export).tokenizer.to_str() != TextTokenizer.from_pretrained(other).tokenizer.to_str():
+        raise ValueError(f"cannot blend {export} with {other}: their tokenizers differ")
+    check_same_latents(*(AutoencoderKL.from_pretrained(f / (mine["vae_name_or_path"] or "vae"))
+                         for f in (export, other)))
+    theirs_sd = second.state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.lerp_(theirs_sd[name], weight)
+
+
 def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype = torch.float32,
-         vae_dir: Path | None = None) -> int:
+         vae_dir: Path | None = None, blend: tuple[Path, float] | None = None) -> int:
     """Write the shipped model to `dest` (replaced as a whole); returns its size in bytes."""
     cpu = torch.device("cpu")
-    model = load_model(export, cpu, dtype)
+    model = load_model(export, cpu, torch.float32 if blend else dtype)
+    if blend:
+        blend_into(model, export, *blend)
+        model = model.to(dtype)
     family = model.config.family
     own_dir = export / (model.config.vae_name_or_path or "vae")
     vae = AutoencoderKL.from_pretrained(vae_dir or own_dir, family=family)
@@ -86,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--card", type=Path, required=True, help="MODEL_CARD.md to ship")
     p.add_argument("--vae", type=Path, help="ship this VAE (the same encoder, a fine-tuned decoder) instead")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
+    p.add_argument("--blend", nargs=2, metavar=("OTHER", "W"),
+                   help="ship (1 - W) * EXPORT + W * OTHER, OTHER another export of the same model")
     args = p.parse_args(argv)
+    blend = (Path(args.blend[0]), float(args.blend[1])) if args.blend else None
     size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
-                getattr(torch, args.dtype), args.vae)
+                getattr(torch, args.dtype), args.vae, blend)
     print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")
     return 0
 
