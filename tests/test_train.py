@@ -58,7 +58,7 @@ def same_losses(a: list[dict], b: list[dict]) -> bool:
     return [[m[k] for k in COMPARED] for m in a] == [[m[k] for k in COMPARED] for m in b]
 
 
-def test_loss_goes_down(tmp_path, ref10):
+def test_loss_goes_down(tmp_path, ref10, capsys):
     """A few hundred steps on the shapes world: the flow-matching loss falls clearly."""
     from nextstep.training.train import train
 
@@ -119,8 +119,13 @@ def test_loss_goes_down(tmp_path, ref10):
     shutil.copytree(export2, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rope_theta": 500.0}))
-    with pytest.raises(ValueError, match=r"configs differ in \['rope_theta'\]"):
-        ship_main(args + ["--blend", str(other), "0.25"])
+    for bad, message in ((["--blend", str(other), "0.25"], "configs differ in ['rope_theta']"),
+                         (["--blend", str(export2), "1.5"], "blend weight must be between 0 and 1"),
+                         (["--blend", str(export2), "half"], "--blend weight must be a number, got 'half'")):
+        with pytest.raises(SystemExit) as exit_info:
+            ship_main([args[0], str(tmp_path / "refused")] + args[2:] + bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):

@@ -58,7 +58,8 @@ def blend_into(model: NextStep, export: Path, other: Path, weight: float) -> Non
                     if k not in TRAINING_ONLY_FIELDS and mine.get(k) != theirs.get(k))
     if differ:
         raise ValueError(f"cannot blend {export} with {other}: their configs differ in {differ}")
-    if TextTokenizer.from_pretrained(export).tokenizer.to_str() != TextTokenizer.from_pretrained(other).tokenizer.to_str():
+    vocab = [TextTokenizer.from_pretrained(f).tokenizer.to_str() for f in (export, other)]
+    if vocab[0] != vocab[1]:
         raise ValueError(f"cannot blend {export} with {other}: their tokenizers differ")
     check_same_latents(*(AutoencoderKL.from_pretrained(f / (mine["vae_name_or_path"] or "vae"))
                          for f in (export, other)))
@@ -118,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blend", nargs=2, metavar=("OTHER", "W"),
                    help="ship (1 - W) * EXPORT + W * OTHER, OTHER another export of the same model")
     args = p.parse_args(argv)
-    blend = (Path(args.blend[0]), float(args.blend[1])) if args.blend else None
-    size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
-                getattr(torch, args.dtype), args.vae, blend)
+    blend = None
+    if args.blend:
+        try:
+            blend = (Path(args.blend[0]), float(args.blend[1]))
+        except ValueError:
+            p.error(f"--blend weight must be a number, got {args.blend[1]!r}")
+    try:
+        size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
+                    getattr(torch, args.dtype), args.vae, blend)
+    except ValueError as e:  # models or VAEs that do not go together: one line, nothing written
+        p.error(str(e))
     print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")
     return 0
 
