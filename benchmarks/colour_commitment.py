@@ -16,7 +16,9 @@ over the whole image 48/48 times, but at the first colour-bearing token only
 39/48 (81%). Generated colour prompts pass about 60% of the time, and their
 failures are clean wrong palette colours: the model knows the colour, but the
 first object token, often a sliver at the object's edge, carries too little
-of it to sample it reliably.
+of it to sample it reliably. Stage 8 scored 40/48 and the v4 blend 39/48 at that token
+while their colour prompts passed 2-6 points more often: the probe locates the weakness but
+is too coarse to rank close models.
 """
 
 from __future__ import annotations
