@@ -48,7 +48,6 @@ def main() -> None:
         check_same_latents(own, vae)
         pipe.vae = vae
         rows[folder] = scores(pipe, args.per_category)
-    pipe.vae = own
     names = list(next(iter(rows.values())))
     width = max(len(r) for r in rows)
     print(f"{'decoder':<{width}}  " + "  ".join(f"{n[:13]:>13}" for n in names))

@@ -48,8 +48,9 @@ def check_same_latents(trained_on: AutoencoderKL, other: AutoencoderKL) -> None:
                          "decoder alone was fine-tuned (freeze_encoder = true) can replace it")
 
 
-def blend_into(model: NextStep, export: Path, other: Path, weight: float) -> None:
-    """Set `model` (loaded from `export`, float32) to (1 - weight) * itself + weight * the model in `other`."""
+def blend_into(model: NextStep, tokenizer: TextTokenizer, vae: AutoencoderKL, other: Path, weight: float) -> None:
+    """Set `model` (float32) to (1 - weight) * itself + weight * the model in `other`, which must share
+    its config (training-only fields aside), its `tokenizer` and the latent space of its `vae`."""
     if not 0 < weight < 1:
         raise ValueError(f"blend weight must be between 0 and 1 (exclusive), got {weight}")
     second = load_model(other, torch.device("cpu"), torch.float32)
@@ -57,12 +58,11 @@ def blend_into(model: NextStep, export: Path, other: Path, weight: float) -> Non
     differ = sorted(k for k in mine.keys() | theirs.keys()
                     if k not in TRAINING_ONLY_FIELDS and mine.get(k) != theirs.get(k))
     if differ:
-        raise ValueError(f"cannot blend {export} with {other}: their configs differ in {differ}")
-    vocab = [TextTokenizer.from_pretrained(f).tokenizer.to_str() for f in (export, other)]
-    if vocab[0] != vocab[1]:
-        raise ValueError(f"cannot blend {export} with {other}: their tokenizers differ")
-    check_same_latents(*(AutoencoderKL.from_pretrained(f / (mine["vae_name_or_path"] or "vae"))
-                         for f in (export, other)))
+        raise ValueError(f"cannot blend with {other}: the configs differ in {differ}")
+    if TextTokenizer.from_pretrained(other).tokenizer.to_str() != tokenizer.tokenizer.to_str():
+        raise ValueError(f"cannot blend with {other}: the tokenizers differ")
+    check_same_latents(vae, AutoencoderKL.from_pretrained(other / (theirs["vae_name_or_path"] or "vae"),
+                                                          family=model.config.family))
     theirs_sd = second.state_dict()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -73,18 +73,18 @@ def blend_into(model: NextStep, export: Path, other: Path, weight: float) -> Non
 def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype = torch.float32,
          vae_dir: Path | None = None, blend: tuple[Path, float] | None = None) -> int:
     """Write the shipped model to `dest` (replaced as a whole); returns its size in bytes."""
-    cpu = torch.device("cpu")
-    model = load_model(export, cpu, torch.float32 if blend else dtype)
-    if blend:
-        blend_into(model, export, *blend)
-        model = model.to(dtype)
+    # Everything is loaded and checked in float32 (what the exports store), then cast once.
+    model = load_model(export, torch.device("cpu"), torch.float32)
     family = model.config.family
-    own_dir = export / (model.config.vae_name_or_path or "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir or own_dir, family=family)
-    if vae_dir is not None:
-        check_same_latents(AutoencoderKL.from_pretrained(own_dir, family=family), vae)  # compared in float32
-    vae = vae.to(dtype)
     tokenizer = TextTokenizer.from_pretrained(export)
+    own_vae = AutoencoderKL.from_pretrained(export / (model.config.vae_name_or_path or "vae"), family=family)
+    if blend:
+        blend_into(model, tokenizer, own_vae, *blend)
+    vae = own_vae
+    if vae_dir is not None:
+        vae = AutoencoderKL.from_pretrained(vae_dir, family=family)
+        check_same_latents(own_vae, vae)
+    model, vae = model.to(dtype), vae.to(dtype)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and swap it in, so an interrupted ship never leaves half a model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))

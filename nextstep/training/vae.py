@@ -569,12 +569,10 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
     """Latent normalisation and PSNR on the held-out images, report.json, export."""
     model.eval()
     means = latent_means(model, heldout, config.batch_size).double()
-    if config.freeze_encoder:  # the base's latent space, bit for bit: generators trained on it still fit
-        shift, scale = model.config.shift_factor, model.config.scaling_factor
-    else:
-        shift = means.mean().item()
-        scale = 1.0 / means.std().item()
-    model.config = dataclasses.replace(model.config, shift_factor=shift, scaling_factor=scale)
+    if not config.freeze_encoder:  # frozen: the base's latent space, bit for bit (generators trained on it fit)
+        model.config = dataclasses.replace(model.config, shift_factor=means.mean().item(),
+                                           scaling_factor=1.0 / means.std().item())
+    shift, scale = model.config.shift_factor, model.config.scaling_factor
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
