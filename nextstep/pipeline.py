@@ -43,7 +43,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 OFFICIAL_DEFAULTS: dict[str, Any] = {"cfg": 7.5, "cfg_img": 2.0, "num_sampling_steps": 28, "use_norm": False,
                                      "timesteps_shift": 1.0, "cfg_schedule": "constant", "sampler": None,
-                                     "source_image": "first", "cpu_dtype": None}
+                                     "source_image": "first", "cpu_dtype": None, "context_noise": 0.0}
 
 
 def _is_number(v: Any) -> bool:
@@ -63,6 +63,9 @@ _DEFAULT_CHECKS = {
     "source_image": (lambda v: v in SOURCE_IMAGE_PLACES, f"one of {list(SOURCE_IMAGE_PLACES)}"),
     # what the model runs in on a CPU when the caller does not say (see nextstep.devices)
     "cpu_dtype": (lambda v: v is None or v in DTYPE_NAMES, f"null or one of {list(DTYPE_NAMES)}"),
+    # std of the noise on each sampled token as the decoder reads it back (for models trained
+    # with `train.context_noise`; the image itself gets the clean token)
+    "context_noise": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
 }
 
 
@@ -125,6 +128,7 @@ class GenerationRequest:
     attention_mask: Tensor
     latents: Tensor | list[Tensor] | None  # scaled source-image latents, one per image-bearing row
     noise: Tensor  # (n_tokens, noise_draws, B, token_dim)
+    context_noise: Tensor | None  # (n_tokens, B, token_dim), already scaled: added to fed-back tokens
     guidance: list[tuple[float, float]]  # (cfg, cfg_img) per token
     groups: int
     sampler: FlowSampler
@@ -154,6 +158,13 @@ def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
     def merged(xs: list[Tensor], n_groups: int) -> Tensor:
         return torch.cat([by_group(x, n_groups) for x in xs], dim=1).flatten(0, 1)
 
+    context_noise = None
+    if first.context_noise is not None:
+        if any(r.context_noise is None for r in requests):
+            raise ValueError("requests differ in context noise: they cannot share a batch")
+        context_noise = torch.cat([r.context_noise for r in requests], dim=1)
+    elif any(r.context_noise is not None for r in requests):
+        raise ValueError("requests differ in context noise: they cannot share a batch")
     latents = None
     if first.latents is not None:
         lat = [r.latents if isinstance(r.latents, Tensor) else torch.cat(r.latents) for r in requests]
@@ -161,7 +172,7 @@ def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
         latents = merged(lat, image_groups)
     return GenerationRequest(
         merged([r.input_ids for r in requests], g), merged([r.attention_mask for r in requests], g), latents,
-        torch.cat([r.noise for r in requests], dim=2), first.guidance, g, first.sampler, first.grid,
+        torch.cat([r.noise for r in requests], dim=2), context_noise, first.guidance, g, first.sampler, first.grid,
         first.pos_embed, first.use_norm)
 
 
@@ -296,6 +307,7 @@ class NextStepPipeline:
         progress: bool = True,
         sde_type: str | None = None,
         noise_level: float = 0.8,
+        context_noise: float = 0.0,
     ) -> list[Image.Image]:
         """Generate `num_images_per_caption` images per caption (caption-major order).
 
@@ -303,11 +315,13 @@ class NextStepPipeline:
         replaced by that source image (editing). `cfg` guides by the text,
         `cfg_img` (editing only) by the source image. `sde_type` picks the sampler
         ("euler_maruyama", "sde", "cps" or "ode"); the default is the checkpoint
-        family's own (NextStep-1: "euler_maruyama", NextStep-1.1: "sde").
+        family's own (NextStep-1: "euler_maruyama", NextStep-1.1: "sde"). `context_noise` > 0
+        adds N(0, context_noise^2) to each sampled token where the decoder reads it back (not in the
+        image), for models trained that way (`train.context_noise`); it is drawn after all other noise.
         """
         request = self.prepare(captions, images, num_images_per_caption, positive_prompt, negative_prompt, hw,
                                use_norm, cfg, cfg_img, cfg_schedule, timesteps_shift, num_sampling_steps, seed,
-                               sde_type, noise_level)
+                               sde_type, noise_level, context_noise=context_noise)
         return self.decode_tokens(self.sample_tokens(request, progress=progress), request.grid)
 
     def __call__(
@@ -349,7 +363,7 @@ class NextStepPipeline:
             hw=(pick(height, h), pick(width, w)), use_norm=d["use_norm"], cfg=pick(guidance_scale, d["cfg"]),
             cfg_img=pick(image_guidance_scale, cfg_img), cfg_schedule=d["cfg_schedule"],
             timesteps_shift=d["timesteps_shift"], num_sampling_steps=pick(num_inference_steps, d["num_sampling_steps"]),
-            seed=seed_from(generator), sde_type=d["sampler"])
+            seed=seed_from(generator), sde_type=d["sampler"], context_noise=d["context_noise"])
         return NextStepPipelineOutput(images_out)
 
     def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int,
@@ -377,7 +391,7 @@ class NextStepPipeline:
                 cfg: float = 1.0, cfg_img: float = 1.0, cfg_schedule: str = "constant",
                 timesteps_shift: float = 1.0, num_sampling_steps: int = 20, seed: int = 42,
                 sde_type: str | None = None, noise_level: float = 0.8,
-                prompt_length: int | None = None) -> GenerationRequest:
+                prompt_length: int | None = None, context_noise: float = 0.0) -> GenerationRequest:
         """Validate the arguments and build everything the token loop needs (prompt ids, source
         latents, noise), drawing all randomness from one CPU generator seeded with `seed`.
         `prompt_length` left-pads every prompt row to that many tokens (a server pads all
@@ -388,6 +402,8 @@ class NextStepPipeline:
         family = FAMILIES[self.model.config.family]
         flow = FlowSampler(sde_type or family.default_sampler, num_sampling_steps, timesteps_shift, noise_level)
         self._check(captions, images, num_images_per_caption, hw, cfg, cfg_img, cfg_schedule)
+        if not (context_noise >= 0 and math.isfinite(context_noise)):
+            raise ValueError(f"context_noise must be a finite number >= 0, got {context_noise}")
         n = num_images_per_caption
         config = self.model.config
         h_tok, w_tok = hw[0] // self.down_factor, hw[1] // self.down_factor
@@ -413,10 +429,13 @@ class NextStepPipeline:
             noise = noise.repeat(1, 1, len(captions), 1)
         else:
             noise = torch.randn((n_tokens, flow.noise_draws, n_cond, config.token_dim), generator=generator)
+        fed_back = None
+        if context_noise > 0:
+            fed_back = torch.randn((n_tokens, n_cond, config.token_dim), generator=generator) * context_noise
         pos_embed = None
         if config.use_gen_pos_embed:
             pos_embed = sincos_2d(config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
-        return GenerationRequest(input_ids.to(self.device), attention_mask.to(self.device), latents, noise,
+        return GenerationRequest(input_ids.to(self.device), attention_mask.to(self.device), latents, noise, fed_back,
                                  guidance_schedule(cfg, cfg_img, cfg_schedule, n_tokens, config.family), groups, flow,
                                  (h_tok, w_tok), pos_embed, use_norm)
 
@@ -426,7 +445,8 @@ class NextStepPipeline:
         r = request
         with autocast(self.device, self.autocast_dtype):
             return generate_tokens(self.model, r.input_ids, r.attention_mask, r.grid[0] * r.grid[1], r.sampler,
-                                   r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace)
+                                   r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace,
+                                   r.context_noise)
 
     def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> list[Image.Image]:
         """Image tokens (B, h*w, token_dim) on a grid of (h, w) tokens -> PIL images."""

@@ -127,6 +127,32 @@ def test_bad_generation_defaults(model: Path, tmp_path: Path) -> None:
     (folder / "generation_defaults.json").write_text(json.dumps({"hw": [64]}))
     with pytest.raises(CheckpointError, match=r"hw must be \[height, width\]"):
         NextStepPipeline.from_pretrained(folder)
+    (folder / "generation_defaults.json").write_text(json.dumps({"context_noise": -0.5}))
+    with pytest.raises(CheckpointError, match="context_noise must be a number >= 0, got -0.5"):
+        NextStepPipeline.from_pretrained(folder)
+
+
+def test_context_noise_reaches_the_decoder_not_the_image(pipe: NextStepPipeline) -> None:
+    """Each sampled token is read back with noise, but the image gets the clean token: the first
+    token (sampled before anything is read back) is unchanged, later ones differ, and a seed
+    still fixes everything, alone or merged into a batch with another request."""
+    from nextstep.pipeline import merge_requests
+
+    settings = {"hw": (64, 64), "cfg": 3.0, "num_sampling_steps": 4, "seed": 5, "prompt_length": 24}
+    clean = pipe.sample_tokens(pipe.prepare(["a red circle"], **settings))
+    req = pipe.prepare(["a red circle"], context_noise=0.5, **settings)
+    noisy = pipe.sample_tokens(req)
+    assert req.context_noise.shape == (16, 1, pipe.model.config.token_dim)
+    assert abs(float(req.context_noise.std()) - 0.5) < 0.05
+    assert torch.equal(noisy[:, 0], clean[:, 0]) and not torch.allclose(noisy[:, 1:], clean[:, 1:])
+    assert torch.equal(pipe.sample_tokens(pipe.prepare(["a red circle"], context_noise=0.5, **settings)), noisy)
+    other = pipe.prepare(["two squares"], context_noise=0.5, **{**settings, "seed": 6})
+    merged = pipe.sample_tokens(merge_requests([req, other]))
+    assert torch.allclose(merged[:1], noisy, atol=1e-5)
+    with pytest.raises(ValueError, match="differ in context noise"):
+        merge_requests([req, pipe.prepare(["two squares"], **settings)])
+    with pytest.raises(ValueError, match="context_noise must be a finite number >= 0"):
+        pipe.prepare(["a red circle"], context_noise=-1.0, **settings)
 
 
 def test_edit_prompts_put_the_source_where_the_model_was_trained_to_see_it(model: Path, tmp_path: Path) -> None:

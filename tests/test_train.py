@@ -90,7 +90,7 @@ def test_loss_goes_down(tmp_path, ref10, capsys):
     more.write_text(f'out_dir = "{tmp_path / "more"}"\nsteps = 2\ninit_from = "{export}"\n'
                     "[model]\nconfig = { fm_head_batch_mul = 3, lm_loss_weight = 0.5 }\n"
                     '[data]\nsources = [{ kind = "shapes", size = 32 }]\nbatch_size = 4\n'
-                    "[train]\ntensorboard = false\nsample_steps = 2\nsample_size = 32\n")
+                    "[train]\ntensorboard = false\nsample_steps = 2\nsample_size = 32\ncontext_noise = 0.5\n")
     stage2 = TrainConfig.from_file(more)
     model, _, _ = build_parts(stage2, torch.device("cpu"))
     assert model.image_head.batch_mul == 3 and model.config.lm_loss_weight == 0.5
@@ -114,6 +114,14 @@ def test_loss_goes_down(tmp_path, ref10, capsys):
     assert blended.keys() == a.keys()
     assert all(torch.allclose(blended[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in a)
     assert not torch.equal(blended["lm_head.weight"], a["lm_head.weight"])
+    # A stage may start from the same blend ([init_blend]).
+    third = tmp_path / "third.toml"
+    third.write_text(more.read_text().replace(f'init_from = "{export}"', f'init_from = "{export}"\n'
+                     f'[init_blend]\npath = "{export2}"\nweight = 0.25'))
+    stage3 = TrainConfig.from_file(third)
+    stage3.check()
+    start, _, _ = build_parts(stage3, torch.device("cpu"))
+    assert all(torch.equal(t, blended[k]) for k, t in start.state_dict().items() if k in blended)
     # A model of another config (here its RoPE base) is refused, naming the difference.
     other = tmp_path / "other"
     shutil.copytree(export2, other)
@@ -185,6 +193,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
     ('[model]\nlm_init = "/no/qwen"\n', "lm_init='/no/qwen' does not exist"),
     ("[optim]\nlr = \"fast\"\n", "config key 'optim.lr' must be a number, got 'fast'"),
+    ("[train]\ncontext_noise = -0.1\n", "train.context_noise=-0.1 (must be a number >= 0)"),
+    ('[init_blend]\npath = "."\nweight = 0.3\n', "init_blend needs init_from"),
+    ('init_from = "."\n[init_blend]\npath = "."\nweight = 1.0\n', "init_blend.weight=1.0 (must be between 0 and 1"),
     ('init_from = "."\n[model]\nconfig = { hidden_size = 64, fm_head_batch_mul = 8 }\n',
      "model.config sets ['hidden_size'], which the init_from model fixes"),
 ])
@@ -207,3 +218,45 @@ def test_recipes_parse():
     assert len(files) >= 10
     stages = [TrainConfig.from_file(f).stage for f in files]
     assert stages.count("dpo") == 2 and "pretrain" in stages and "sft" in stages
+
+
+def test_context_noise_reaches_the_decoder_not_the_targets(ref10, expected10):
+    """`context_noise` changes what the decoder reads; the flow head still learns the clean tokens,
+    and only images in the image loss get noise (sources stay clean)."""
+    from nextstep.io import load_model
+    from nextstep.training.train import draw_context_noise
+
+    model = load_model(ref10 / "model", torch.device("cpu"), torch.float32).eval()
+    e = {k.split("/", 1)[1]: v for k, v in expected10.items() if k.startswith("train_loss_masked/")}
+    ids, labels, latents, mask, am = (e["input_ids"], e["labels"], e["latents"], e["latents_mask"],
+                                      e["attention_mask"])
+    assert 0 in mask.tolist() and 1 in mask.tolist()
+    gens = [torch.Generator().manual_seed(i) for i in range(len(mask))]
+    noise = draw_context_noise(latents, mask, gens, 0.5)
+    for img, m in zip(noise, mask.tolist()):
+        std = float(img.std())
+        assert (std == 0) if m == 0 else 0 < std < 0.6
+    again = draw_context_noise(latents, mask, [torch.Generator().manual_seed(i) for i in range(len(mask))], 0.5)
+    assert torch.equal(noise, again)
+
+    with torch.no_grad():
+        noisy = model(ids, labels, latents, mask, am, generator=torch.Generator().manual_seed(0),
+                      context_noise=noise)
+        clean = model(ids, labels, latents, mask, am, generator=torch.Generator().manual_seed(0))
+        # The same loss by hand: hidden states of the noisy images, targets the clean ones.
+        hidden = model.forward_hidden(ids, am, latents + noise)[:, :-1]
+        c = model.image_out_projector(hidden[ids[:, 1:] == model.config.image_placeholder_id])
+        counts = torch.tensor(model._tokens_per_image(latents))
+        by_hand = model.image_head.loss(model.image_tokens(latents), c, mask.repeat_interleave(counts),
+                                        torch.Generator().manual_seed(0))
+    assert abs(noisy.im_loss - clean.im_loss) > 1e-4
+    assert torch.allclose(noisy.im_loss, by_hand, atol=1e-6)
+
+
+def test_recipe_stages_run_in_number_order(tmp_path):
+    from nextstep.cli.train import stage_files
+
+    for name in ("10-dpo.toml", "2-mixed.toml", "1-pretrain.toml", "9-more.toml", "notes.toml"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in stage_files(tmp_path)] == ["1-pretrain.toml", "2-mixed.toml", "9-more.toml",
+                                                      "10-dpo.toml"]

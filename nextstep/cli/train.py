@@ -10,16 +10,22 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train NextStep (one stage, or a whole recipe)",
                        description="Train one stage from a TOML config, or, given a recipe folder, every "
-                                   "stage file in it (sorted by name) that has not finished yet. Under "
+                                   "numbered stage file in it (in number order) that has not finished yet. Under "
                                    "torchrun the model is sharded across ranks with FSDP2.")
     p.add_argument("config", type=Path, help="a stage's .toml file, or a recipe folder of them")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p.set_defaults(run=run)
 
 
+def stage_number(path: Path) -> int:
+    """The leading number of a stage file's name ("10-dpo.toml" -> 10), so stage 10 runs after 9."""
+    digits = path.stem[:len(path.stem) - len(path.stem.lstrip("0123456789"))]
+    return int(digits)
+
+
 def stage_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.toml") if p.stem[:1].isdigit())
+        files = sorted((p for p in path.glob("*.toml") if p.stem[:1].isdigit()), key=lambda p: (stage_number(p), p.name))
         if not files:
             raise FileNotFoundError(f"{path} holds no numbered stage files (e.g. 1-pretrain.toml)")
         return files

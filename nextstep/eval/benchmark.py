@@ -72,7 +72,7 @@ def generation_settings(pipe: NextStepPipeline, size: int | None = None, cfg: fl
             "cfg_img": d["cfg_img"] if cfg_img is None else cfg_img,
             "num_sampling_steps": d["num_sampling_steps"] if steps is None else steps,
             "timesteps_shift": d["timesteps_shift"], "cfg_schedule": d["cfg_schedule"],
-            "use_norm": d["use_norm"], "sde_type": d["sampler"]}
+            "use_norm": d["use_norm"], "sde_type": d["sampler"], "context_noise": d["context_noise"]}
 
 
 # ---------------------------------------------------------------------- the fixed sets

@@ -152,6 +152,7 @@ class NextStep(nn.Module):
         attention_mask: Tensor | None = None,
         condition_with_projector: bool = True,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        context_noise: Tensor | list[Tensor] | None = None,
     ) -> LossOutput:
         """Training loss: lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image tokens).
 
@@ -163,9 +164,15 @@ class NextStep(nn.Module):
         `condition_with_projector=False` to reproduce that).
         `latents_mask` (one 0/1 per image) drops images from the MSE.
         `generator`: one for all random draws, or one per image (see `FlowHead.loss`).
+        `context_noise` (shaped like `latents`) is added to the images the decoder reads, not to
+        the flow head's targets (see `nextstep.training.train.draw_context_noise`).
         """
         cfg = self.config
-        hidden = self.forward_hidden(input_ids, attention_mask, latents)[:, :-1]
+        seen = latents
+        if context_noise is not None and latents is not None:
+            seen = (latents + context_noise if isinstance(latents, Tensor)
+                    else [x + n for x, n in zip(latents, context_noise, strict=True)])
+        hidden = self.forward_hidden(input_ids, attention_mask, seen)[:, :-1]
         next_is_image = input_ids[:, 1:] == cfg.image_placeholder_id
         next_labels = labels[:, 1:]
 

@@ -52,6 +52,7 @@ def generate_tokens(
     use_norm: bool = False,
     progress: bool = False,
     trace: dict[str, list[Tensor]] | None = None,
+    context_noise: Tensor | None = None,
 ) -> Tensor:
     """Sample `n_tokens` image tokens after the prompt.
 
@@ -60,6 +61,7 @@ def generate_tokens(
     guidance: (cfg, cfg_img) for each token.
     pos_embed: (n_tokens, hidden) added to the hidden state before the projector, if set.
     trace: if given, receives per-token `sample_c` and `sample_out` (for debugging and parity tests).
+    context_noise: (n_tokens, B, token_dim), added to each token where the decoder reads it back.
     Returns (B, n_tokens, token_dim).
     """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -72,6 +74,8 @@ def generate_tokens(
     rope = rope_tables(torch.arange(max_len, device=device), model.config.head_dim, model.config.rope_theta, dtype)
     prepared = sampler.prepare(model.image_head.net, device)
     noise = noise.to(device)
+    if context_noise is not None:
+        context_noise = context_noise.to(device)
     slots = torch.arange(T, max_len + 1, device=device)  # where token k is fed back: no host copy per step
 
     h = prefill(model, model.embed(input_ids, latents), key_valid, cache, rope)
@@ -88,6 +92,7 @@ def generate_tokens(
             trace.setdefault("sample_c", []).append(c)
             trace.setdefault("sample_out", []).append(out)
         if k + 1 < n_tokens:
-            embed = model.image_in_projector(token).repeat(groups, 1)
+            fed = token if context_noise is None else token + context_noise[k].to(token.dtype)
+            embed = model.image_in_projector(fed).repeat(groups, 1)
             h = decode_one_token(model, embed, slots[k: k + 1], key_valid, cache, rope)
     return torch.stack(tokens, dim=1)

@@ -39,6 +39,15 @@ class ModelSection:
 
 
 @dataclass
+class BlendSection:
+    """Start from a blend of two runs of one model (a "model soup", often better than either):
+    (1 - weight) * init_from + weight * path. Same checks as `ship --blend`."""
+
+    path: str = ""  # another export of init_from's model (same config, tokenizer and latent space)
+    weight: float = 0.0  # in (0, 1)
+
+
+@dataclass
 class DataSource:
     kind: str = "shapes"  # "shapes" (the synthetic world) or "files" (folder / jsonl / webdataset)
     weight: float = 1.0  # share of the batches drawn from this source
@@ -77,6 +86,11 @@ class TrainSection:
     log_every: int = 1
     checkpoint_every: int = 100
     keep_last: int = 3
+    # Largest std of the Gaussian noise added to each generated image's tokens where the decoder
+    # reads them (not to the flow head's targets); each image draws its std from U[0, context_noise].
+    # It keeps the decoder from reading an object's colour off faint traces in the tokens before it
+    # (the VAE's receptive field spreads them there) instead of from the caption. 0: off.
+    context_noise: float = 0.0
     sample_every: int = 0  # 0: only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
     sample_size: int = 64
@@ -92,6 +106,7 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     init_from: str = ""  # previous stage's exported model folder; empty: a new model from [model]
+    init_blend: BlendSection = field(default_factory=BlendSection)  # optional, with init_from
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -122,6 +137,8 @@ class TrainConfig:
                             ("train.keep_last", self.train.keep_last)]:
             if value < 1:
                 problems.append(f"{name}={value} (must be >= 1)")
+        if not 0 <= self.train.context_noise < float("inf"):
+            problems.append(f"train.context_noise={self.train.context_noise} (must be a number >= 0)")
         if not self.optim.lr > 0:
             problems.append(f"optim.lr={self.optim.lr} (must be > 0)")
         if self.optim.schedule not in ("constant", "cosine"):
@@ -154,7 +171,15 @@ class TrainConfig:
             if fixed:
                 problems.append(f"model.config sets {fixed}, which the init_from model fixes; a stage that "
                                 f"continues a model may only set {list(TRAINING_ONLY_FIELDS)}")
-        else:
+        if self.init_blend.path or self.init_blend.weight:
+            b = self.init_blend
+            if not self.init_from:
+                problems.append("init_blend needs init_from (it blends init_from with init_blend.path)")
+            if not Path(b.path).is_dir():
+                problems.append(f"init_blend.path={b.path!r} does not exist")
+            if not 0 < b.weight < 1:
+                problems.append(f"init_blend.weight={b.weight} (must be between 0 and 1, exclusive)")
+        if not self.init_from:
             if self.model.tokenizer != "shapes" and not (Path(self.model.tokenizer) / "tokenizer.json").is_file():
                 problems.append(f"model.tokenizer={self.model.tokenizer!r} has no tokenizer.json")
             if not Path(self.model.vae, "config.json").is_file():

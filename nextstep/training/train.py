@@ -45,6 +45,7 @@ from ..text import TextTokenizer
 from ..text.train_tokenizer import shapes_tokenizer
 from ..vae import AutoencoderKL
 from . import distributed as dist
+from .blend import blend_into
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
 
@@ -88,6 +89,8 @@ def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, Te
     if vae.config.z_channels != model.config.latent_channels:
         raise ValueError(f"VAE {vae_dir} has {vae.config.z_channels} latent channels, "
                          f"the model {model.config.latent_channels}")
+    if config.init_blend.path:
+        blend_into(model, tokenizer, vae, Path(config.init_blend.path), config.init_blend.weight)
     return model, tokenizer, vae
 
 
@@ -183,6 +186,19 @@ def sample_latents(vae: AutoencoderKL, pixel_values: list[torch.Tensor], generat
             eps = torch.randn(posterior.mean.shape[1:], generator=generators[i]).to(device)
             out[i] = ((posterior.mean[j] + posterior.std[j] * eps - shift) * scale)[None]
     return torch.cat(out) if len(by_shape) == 1 else out
+
+
+@torch.no_grad()
+def draw_context_noise(latents: torch.Tensor | list[torch.Tensor], latents_mask: torch.Tensor,
+                       generators: list[torch.Generator], max_std: float) -> torch.Tensor | list[torch.Tensor]:
+    """Noise shaped like `latents` for `NextStep.forward(context_noise=...)`: each image in the
+    image loss (mask 1) gets std U[0, max_std] times N(0, 1), from its own generator; sources get 0."""
+    items = [latents[i:i + 1] for i in range(latents.shape[0])] if isinstance(latents, torch.Tensor) else latents
+    out = []
+    for x, m, g in zip(items, latents_mask.tolist(), generators, strict=True):
+        std = float(torch.rand((), generator=g)) * max_std * m
+        out.append((torch.randn(x.shape, generator=g) * std).to(x.device, x.dtype))
+    return torch.cat(out) if isinstance(latents, torch.Tensor) else out
 
 
 def loss_counts(batch: dict[str, Any], placeholder_id: int, token_pixels: int = TOKEN_PIXELS) -> dict[str, float]:
@@ -296,10 +312,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         for batch, count in zip(micro_batches, counts):
             latents = sample_latents(vae, batch["pixel_values"],
                                      image_generators(batch, tokenizer.boi_id, config.seed, step, "vae"))
+            noise = None
+            if config.train.context_noise:
+                noise = draw_context_noise(latents, batch["latents_mask"], image_generators(
+                    batch, tokenizer.boi_id, config.seed, step, "context"), config.train.context_noise)
             with autocast:
                 losses = trained(batch["input_ids"].to(device), batch["labels"].to(device), latents,
                                  batch["latents_mask"].to(device), batch["attention_mask"].to(device),
-                                 generator=image_generators(batch, tokenizer.boi_id, config.seed, step, "flow"))
+                                 generator=image_generators(batch, tokenizer.boi_id, config.seed, step, "flow"),
+                                 context_noise=noise)
             # This pass's share of the global-batch mean of each term; times the rank count
             # because FSDP averages the ranks' gradients.
             lm = losses.lm_loss * share(count["lm"], total["lm"])

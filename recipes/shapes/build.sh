@@ -6,10 +6,10 @@ cd "$(dirname "$0")/../.."
 start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
-nextstep train recipes/shapes                     # stages 1-8 in order; stops before the DPO stage
-# ship 0.7 x stage 7 + 0.3 x stage 8, with the fine-tuned decoder
-python -m nextstep.training.ship runs/shapes/7-more/export nextstep/assets/shapes --vae runs/shapes/vae-dec/export \
-    --blend runs/shapes/8-head-samples/export 0.3 \
+nextstep train recipes/shapes                     # stages 1-10 in order; stops before the DPO stage
+# ship stage 10, with the fine-tuned decoder
+python -m nextstep.training.ship runs/shapes/10-context-noise-more/export nextstep/assets/shapes \
+    --vae runs/shapes/vae-dec/export \
     --defaults recipes/shapes/generation_defaults.json --card recipes/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
