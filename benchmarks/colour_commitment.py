@@ -18,7 +18,9 @@ failures are clean wrong palette colours: the model knows the colour, but the
 first object token, often a sliver at the object's edge, carries too little
 of it to sample it reliably. Stage 8 scored 40/48 and the v4 blend 39/48 at that token
 while their colour prompts passed 2-6 points more often: the probe locates the weakness but
-is too coarse to rank close models.
+is too coarse to rank close models. `colour_source.py` found the cause: those models copied the
+colour from traces in the tokens before the object rather than reading the caption, which
+training with context noise (recipe stage 9) fixed.
 """
 
 from __future__ import annotations
