@@ -158,13 +158,10 @@ def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
     def merged(xs: list[Tensor], n_groups: int) -> Tensor:
         return torch.cat([by_group(x, n_groups) for x in xs], dim=1).flatten(0, 1)
 
-    context_noise = None
-    if first.context_noise is not None:
-        if any(r.context_noise is None for r in requests):
-            raise ValueError("requests differ in context noise: they cannot share a batch")
-        context_noise = torch.cat([r.context_noise for r in requests], dim=1)
-    elif any(r.context_noise is not None for r in requests):
+    noisy = [r.context_noise is not None for r in requests]
+    if any(noisy) != all(noisy):
         raise ValueError("requests differ in context noise: they cannot share a batch")
+    context_noise = torch.cat([r.context_noise for r in requests], dim=1) if all(noisy) else None
     latents = None
     if first.latents is not None:
         lat = [r.latents if isinstance(r.latents, Tensor) else torch.cat(r.latents) for r in requests]

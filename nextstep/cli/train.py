@@ -25,7 +25,8 @@ def stage_number(path: Path) -> int:
 
 def stage_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted((p for p in path.glob("*.toml") if p.stem[:1].isdigit()), key=lambda p: (stage_number(p), p.name))
+        numbered = [p for p in path.glob("*.toml") if p.stem[:1].isdigit()]
+        files = sorted(numbered, key=lambda p: (stage_number(p), p.name))
         if not files:
             raise FileNotFoundError(f"{path} holds no numbered stage files (e.g. 1-pretrain.toml)")
         return files
