@@ -26,10 +26,11 @@ also the share with the prefix's colour. Chance is 17%.
 | model | true prefix | blank prefix | recoloured prefix | recoloured: prefix's colour |
 |---|---|---|---|---|
 | v4 (0.7 x stage 7 + 0.3 x stage 8) | 97% | 12% | 6% | 77% |
-| v5 (stage 10, trained with context noise) | 80% | 20% | 42% | 6% |
+| stage 10 (trained with context noise) | 80% | 20% | 42% | 6% |
+| v5 (stage 11, trained with context noise) | 83% | 16% | 45% | 8% |
 
-v4 copied the colour from the tokens before the object and ignored the caption; v5 reads
-the caption.
+v4 copied the colour from the tokens before the object and ignored the caption; the models
+trained with context noise read the caption.
 """
 
 from __future__ import annotations
