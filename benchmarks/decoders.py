@@ -20,7 +20,7 @@ import torch
 
 from nextstep import NextStepPipeline
 from nextstep.eval.benchmark import run_edits_benchmark, run_shapes_benchmark
-from nextstep.training.ship import check_same_latents
+from nextstep.training.blend import check_same_latents
 from nextstep.vae import AutoencoderKL
 
 

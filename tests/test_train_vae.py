@@ -15,7 +15,7 @@ import nextstep.training.vae as vae_training
 from nextstep.cli import main
 from nextstep.data import ShapesDataset
 from nextstep.errors import ConfigError
-from nextstep.training.ship import check_same_latents
+from nextstep.training.blend import check_same_latents
 from nextstep.training.vae import VAETrainConfig, train_vae
 from nextstep.vae import AutoencoderKL
 

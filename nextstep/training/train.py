@@ -196,7 +196,10 @@ def draw_context_noise(latents: torch.Tensor | list[torch.Tensor], latents_mask:
     items = [latents[i:i + 1] for i in range(latents.shape[0])] if isinstance(latents, torch.Tensor) else latents
     out = []
     for x, m, g in zip(items, latents_mask.tolist(), generators, strict=True):
-        std = float(torch.rand((), generator=g)) * max_std * m
+        if not m:  # a source image: nothing to draw
+            out.append(torch.zeros_like(x))
+            continue
+        std = float(torch.rand((), generator=g)) * max_std
         out.append((torch.randn(x.shape, generator=g) * std).to(x.device, x.dtype))
     return torch.cat(out) if isinstance(latents, torch.Tensor) else out
 
