@@ -9,9 +9,12 @@ with, and several times faster on CPUs with native bf16 (AVX512-BF16, AMX).
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 MIXED = "bf16-mixed"  # float32 weights, bfloat16 matmuls (autocast)
 _NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -44,6 +47,20 @@ def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype |
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype, None
+
+
+def training_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype a training run's `precision` ("auto", "fp32", "bf16") asks for on `device`.
+    "auto" is bf16 on a GPU and fp32 on a CPU. "bf16" on a CPU without native bf16 falls back to
+    fp32: emulated bf16 matmuls run tens of times slower than fp32 there."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown training precision {precision!r} (auto, fp32 or bf16)")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("precision = 'bf16': this CPU has no native bf16 (emulated bf16 matmuls are tens of "
+                       "times slower than fp32), so this run trains in fp32")
+        return None
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if use_bf16 else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:

@@ -260,3 +260,24 @@ def test_recipe_stages_run_in_number_order(tmp_path):
         (tmp_path / name).write_text("")
     assert [p.name for p in stage_files(tmp_path)] == ["1-pretrain.toml", "2-mixed.toml", "9-more.toml",
                                                       "10-dpo.toml"]
+
+
+def test_bf16_training_falls_back_to_fp32_on_cpus_without_native_bf16(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Emulated bf16 matmuls run tens of times slower than fp32: a recipe that asks for bf16 for
+    speed must not crawl on such a CPU."""
+    from nextstep import devices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.training_autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert devices.training_autocast_dtype(cpu, "auto") is None
+    assert devices.training_autocast_dtype(cuda, "auto") == torch.bfloat16
+    assert devices.training_autocast_dtype(cuda, "fp32") is None
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="nextstep.devices"):
+        assert devices.training_autocast_dtype(cpu, "bf16") is None
+    assert "no native bf16" in caplog.text
+    assert devices.training_autocast_dtype(cuda, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown training precision 'fp16'"):
+        devices.training_autocast_dtype(cpu, "fp16")

@@ -81,7 +81,7 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16" (fp32 on CPUs without native bf16)
     grad_checkpointing: bool = False
     log_every: int = 1
     checkpoint_every: int = 100

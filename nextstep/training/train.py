@@ -3,7 +3,7 @@
 Loss = lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image
 tokens), with frozen-VAE latents computed on the fly. AdamW, warm-up then a
 constant or cosine learning rate, gradient clipping and accumulation, bf16
-autocast on GPU and fp32 on CPU. Every step appends a line to
+autocast on GPU and fp32 on CPU unless asked (`devices.training_autocast_dtype`). Every step appends a line to
 `RUN/metrics.jsonl`; checkpoints hold the model, optimizer, RNG, data
 position and step, so `--resume` continues exactly where a run stopped (on
 the CPU the resumed losses are bit-identical to an uninterrupted run's).
@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import devices
 from ..config import NextStepConfig
 from ..data import Collator, ShapesDataset, open_dataset
 from ..data.buckets import TOKEN_PIXELS
@@ -272,9 +272,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, vae = build_parts(config, device)
-    precision = config.train.precision
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+    autocast_dtype = devices.training_autocast_dtype(device, config.train.precision)
+    autocast = devices.autocast(device, autocast_dtype)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing = True
     trained = dist.wrap(model, env)
@@ -289,7 +288,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     lm_w, im_w = model.config.lm_loss_weight, model.config.im_loss_weight
-    sample_dtype = torch.bfloat16 if use_bf16 else torch.float32  # of rank 0's copy under torchrun
+    sample_dtype = autocast_dtype or torch.float32  # of rank 0's copy under torchrun
 
     start = 0
     if resume:
