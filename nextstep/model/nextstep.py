@@ -49,7 +49,12 @@ class NextStep(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        # nn.Embedding's own N(0, 1) init, skipped on the meta device (`load_model`), where it runs
+        # torch's Python reference kernel, whose first call imports torch._dynamo: 3 s of a cold start.
+        embedding = torch.empty(config.vocab_size, d)
+        if embedding.device.type != "meta":
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
