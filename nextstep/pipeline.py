@@ -33,6 +33,7 @@ from .text import IMAGE_TAG, SOURCE_IMAGE_PLACES, TextTokenizer, image_block, im
 from .vae import AutoencoderKL, DiagonalGaussian
 
 CFG_SCHEDULES = ("constant", "linear")
+DECODE_CHUNK = 8  # images per VAE decoder call (see decode_pixels)
 
 # The small shapes-world model that ships inside the package (official layout).
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
@@ -453,7 +454,10 @@ class NextStepPipeline:
     def decode_pixels(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """Image tokens -> VAE output (B, 3, H, W), float, about [-1, 1]."""
         latents = unpatchify(tokens.float(), self.model.config.latent_patch_size, *grid)
-        return self.vae.from_latents(latents)
+        # A few images at a time: for a whole batch of 64 each activation is tens of MB, and such
+        # fresh allocations cost more in page faults than the convolutions (64x64 images on the
+        # CPU: 1.26 s -> 0.61 s for 64, the same pixels).
+        return torch.cat([self.vae.from_latents(chunk) for chunk in latents.split(DECODE_CHUNK)])
 
     # ------------------------------------------------------------------ helpers
     def _grid(self, image: Image.Image) -> tuple[int, int]:

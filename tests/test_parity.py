@@ -233,6 +233,8 @@ def test_fused_flow_net_equals_module(pipe, groups):
         for s in range(S):
             want = net(x.repeat(groups, 1), t[s].expand(groups * B), c)
             close(fused.velocity(x, mod[s], groups), want, 1e-5, f"step {s}")
+        buffer = torch.full_like(mod, float("nan"))  # the sampler's reused buffer: every entry is written
+        assert torch.equal(fused.modulation(net.time_embed(t), c, out=buffer), mod)
 
 
 def test_fused_flow_net_under_autocast_runs_its_matmuls_in_bf16(pipe):
@@ -255,3 +257,17 @@ def test_fused_flow_net_under_autocast_runs_its_matmuls_in_bf16(pipe):
             err = (got[s] - want).abs().max().item()
             assert err <= 0.05 * want.abs().max().item() + 1e-3, f"step {s}: {err}"
     assert FusedFlowNet(net).mod_weight.dtype == torch.float32  # outside autocast nothing is cast
+
+
+def test_decoding_in_chunks_gives_each_image_its_own_pixels(pipe):
+    """decode_pixels runs the VAE a few images at a time; a batch across chunk boundaries decodes
+    as each image alone (to float rounding: the convolution kernels differ with the batch size)."""
+    from nextstep.pipeline import DECODE_CHUNK
+
+    g = torch.Generator().manual_seed(5)
+    n = DECODE_CHUNK + 3
+    tokens = torch.randn(n, 4, pipe.model.config.token_dim, generator=g)
+    batch = pipe.decode_pixels(tokens, (2, 2))
+    assert batch.shape[0] == n
+    for i in (0, DECODE_CHUNK - 1, DECODE_CHUNK, n - 1):
+        close(batch[i], pipe.decode_pixels(tokens[i:i + 1], (2, 2))[0], 1e-5, f"image {i}")

@@ -118,10 +118,16 @@ class FusedFlowNet:
                         w(b.mlp[2].weight), w(b.mlp[2].bias)) for b in net.res_blocks]
         self.final = (w(net.final_layer.linear.weight), w(net.final_layer.linear.bias))
 
-    def modulation(self, t_emb: Tensor, c: Tensor) -> Tensor:
-        """adaLN parameters for times t_emb (S, dim) and conditions c (R, cond_dim): (S, R, (3*depth+2)*dim)."""
-        y = t_emb[:, None, :] + self.net.cond_embed(c)[None]
-        return F.linear(F.silu(y), self.mod_weight, self.mod_bias)
+    def modulation(self, t_emb: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
+        """adaLN parameters for times t_emb (S, dim) and conditions c (R, cond_dim): (S, R, (3*depth+2)*dim).
+        `out`, a buffer of that shape, is written instead of a new tensor: at batch 64 the result
+        is tens of MB, and a fresh allocation per token costs more in page faults than the matmul."""
+        y = F.silu(t_emb[:, None, :] + self.net.cond_embed(c)[None])
+        if out is None:
+            return F.linear(y, self.mod_weight, self.mod_bias)
+        w = self.mod_weight
+        torch.addmm(self.mod_bias, y.reshape(-1, y.shape[-1]).to(w.dtype), w.t(), out=out.view(-1, w.shape[0]))
+        return out
 
     def velocity(self, x: Tensor, mod: Tensor, groups: int = 1) -> Tensor:
         """Velocity for x (B, D) given one step's modulation (groups * B, ...): (groups * B, D)."""

@@ -131,6 +131,7 @@ class PreparedSampler:
         eval_times = grid if sampler.kind == "euler_maruyama" else grid[:-1]
         self.t_emb = net.net.time_embed(eval_times.to(device))  # (S, dim)
         self.coefs = sampler.step_coefficients()
+        self.mod: Tensor | None = None  # the adaLN parameters of the current token (see sample)
 
     def sample(self, c: Tensor, noise: Tensor, groups: int = 1, cfg: float = 1.0, cfg_img: float = 1.0) -> Tensor:
         """One token per conditional row.
@@ -139,7 +140,11 @@ class PreparedSampler:
         noise: (noise_draws, B, token_dim), the initial noise first.
         Returns (B, token_dim) in c's dtype.
         """
-        mod = self.net.modulation(self.t_emb, c)  # every step's adaLN parameters, in one matmul
+        # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens.
+        shape = (self.t_emb.shape[0], c.shape[0], self.net.mod_weight.shape[0])
+        if self.mod is None or self.mod.shape != shape:
+            self.mod = torch.empty(shape, dtype=self.net.mod_weight.dtype, device=c.device)
+        mod = self.net.modulation(self.t_emb, c, out=self.mod)
         dtype = c.dtype
 
         def velocity(x: Tensor, step: int) -> Tensor:
