@@ -249,9 +249,14 @@ def test_generate_batch(model: Path, work: Path, capsys: pytest.CaptureFixture) 
                           "--batch-size", "2", "--model", model], capsys)
     assert code == 0
     assert files(work / "out") == {f"{i}_{k}.png" for i in ("a", "7", "c-1") for k in ("0", "1", "sheet")}
-    # Batch 0 has the same seed as a single run, so the first prompt's images match one.
+    # Batch 0 has the same seed as a single run, so the first prompt's images match one: to the
+    # pixel on CPUs whose matmuls round alike at every batch size; on others (float32 on an AVX2
+    # CPU) a pixel or two may move by a level.
     run_cli(["generate", "a red circle", "-n", "2", "-o", "single.png", "--model", model], capsys)
-    assert same([Image.open(work / "out" / "a_0.png")], [Image.open(work / "single_0.png")])
+    batched, single = (np.asarray(Image.open(p), dtype=np.int16) for p in (work / "out" / "a_0.png",
+                                                                         work / "single_0.png"))
+    assert np.abs(batched - single).max() <= 2
+    assert (batched != single).any(axis=-1).sum() <= 8
 
     (work / "out1").mkdir()
     run_cli(["generate", "--prompts", "prompts.jsonl", "--out-dir", "out1", "--model", model], capsys)

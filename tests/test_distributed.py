@@ -122,7 +122,8 @@ def test_two_ranks_equal_one_process(runs):
 
     a, b = (load_file(str(folder / run / "export" / "model.safetensors")) for run in ("one", "two"))
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Observed up to 1.1e-5 on an AVX2 CPU; one AdamW step moves a weight by up to lr = 3e-3.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 def resume_elsewhere(runs, source: str, name: str, ranks: int) -> float:
