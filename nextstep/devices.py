@@ -20,6 +20,7 @@ MIXED = "bf16-mixed"  # float32 weights, bfloat16 matmuls (autocast)
 _NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 DTYPE_NAMES = (*sorted(_NAMES), MIXED)
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # a training run's `[train] precision`
 
 
 def cpu_has_native_bf16() -> bool:
@@ -53,7 +54,7 @@ def training_autocast_dtype(device: torch.device, precision: str) -> torch.dtype
     """The autocast dtype a training run's `precision` ("auto", "fp32", "bf16") asks for on `device`.
     "auto" is bf16 on a GPU and fp32 on a CPU. "bf16" on a CPU without native bf16 falls back to
     fp32: emulated bf16 matmuls run tens of times slower than fp32 there."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in TRAINING_PRECISIONS:
         raise ValueError(f"unknown training precision {precision!r} (auto, fp32 or bf16)")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning("precision = 'bf16': this CPU has no native bf16 (emulated bf16 matmuls are tens of "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..devices import TRAINING_PRECISIONS
 from ..errors import ConfigError
 from ..text import SOURCE_IMAGE_PLACES
 from .config_file import build, read_toml
@@ -81,7 +82,8 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16" (fp32 on CPUs without native bf16)
+    # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16" (fp32 on CPUs without native bf16)
+    precision: str = "auto"
     grad_checkpointing: bool = False
     log_every: int = 1
     checkpoint_every: int = 100
@@ -143,7 +145,7 @@ class TrainConfig:
             problems.append(f"optim.lr={self.optim.lr} (must be > 0)")
         if self.optim.schedule not in ("constant", "cosine"):
             problems.append(f"optim.schedule={self.optim.schedule!r} (constant or cosine)")
-        if self.train.precision not in ("auto", "fp32", "bf16"):
+        if self.train.precision not in TRAINING_PRECISIONS:
             problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout={self.data.caption_dropout} (must be in [0, 1))")

@@ -3,8 +3,8 @@
 Loss = lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image
 tokens), with frozen-VAE latents computed on the fly. AdamW, warm-up then a
 constant or cosine learning rate, gradient clipping and accumulation, bf16
-autocast on GPU and fp32 on CPU unless asked (`devices.training_autocast_dtype`). Every step appends a line to
-`RUN/metrics.jsonl`; checkpoints hold the model, optimizer, RNG, data
+autocast on GPU and fp32 on CPU unless asked (`devices.training_autocast_dtype`).
+Every step appends a line to `RUN/metrics.jsonl`; checkpoints hold the model, optimizer, RNG, data
 position and step, so `--resume` continues exactly where a run stopped (on
 the CPU the resumed losses are bit-identical to an uninterrupted run's).
 Under torchrun the model is sharded with FSDP2 (see `distributed.py`).
