@@ -122,6 +122,21 @@ def test_loss_goes_down(tmp_path, ref10, capsys):
     stage3.check()
     start, _, _ = build_parts(stage3, torch.device("cpu"))
     assert all(torch.equal(t, blended[k]) for k, t in start.state_dict().items() if k in blended)
+    # The same blend moved onto another VAE ([model] vae, e.g. a fine-tuned encoder): the blend is
+    # checked against the latent space both runs were trained on, and the stage gets the new VAE.
+    from nextstep.vae import AutoencoderKL
+
+    new_vae = AutoencoderKL.from_pretrained(export / "vae")
+    with torch.no_grad():
+        new_vae.encoder.conv_in.weight.mul_(1.5)
+    new_vae.save_pretrained(tmp_path / "new-vae")
+    fourth = tmp_path / "fourth.toml"
+    fourth.write_text(third.read_text().replace("[model]\n", f'[model]\nvae = "{tmp_path / "new-vae"}"\n'))
+    stage4 = TrainConfig.from_file(fourth)
+    stage4.check()
+    moved, _, vae = build_parts(stage4, torch.device("cpu"))
+    assert all(torch.equal(t, blended[k]) for k, t in moved.state_dict().items() if k in blended)
+    assert torch.equal(vae.encoder.conv_in.weight, new_vae.encoder.conv_in.weight)
     # A model of another config (here its RoPE base) is refused, naming the difference.
     other = tmp_path / "other"
     shutil.copytree(export2, other)
@@ -191,8 +206,10 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[data]\nsources = [{ kind = "files", path = "/no/such/shards" }]\n', "does not exist"),
     ("[data]\nbatch_size = 6\n[optim]\ngrad_accum = 4\n", "not divisible by 1 ranks x 4 accumulation steps"),
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
+    ('init_from = "."\n[model]\nvae = "/no/vae"\n', "model.vae='/no/vae' is not a VAE folder (run its VAE"),
     ('[model]\nlm_init = "/no/qwen"\n', "lm_init='/no/qwen' does not exist"),
     ("[optim]\nlr = \"fast\"\n", "config key 'optim.lr' must be a number, got 'fast'"),
+    ('[data]\nsources = [{ kind = "shapes", dark_prob = 1.5 }]\n', "data.sources[0].dark_prob=1.5 (must be in [0, 1])"),
     ("[train]\ncontext_noise = -0.1\n", "train.context_noise=-0.1 (must be a number >= 0)"),
     ('[init_blend]\npath = "."\nweight = 0.3\n', "init_blend needs init_from"),
     ('init_from = "."\n[init_blend]\npath = "."\nweight = 1.0\n', "init_blend.weight=1.0 (must be between 0 and 1"),
@@ -281,3 +298,18 @@ def test_bf16_training_falls_back_to_fp32_on_cpus_without_native_bf16(
     assert devices.training_autocast_dtype(cuda, "bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown training precision 'fp16'"):
         devices.training_autocast_dtype(cpu, "fp16")
+
+
+def test_dark_prob_reaches_the_shapes_sources(tmp_path, ref10):
+    """`data.sources[i].dark_prob` sets the share of dark scenes (edits: sources) of that stream."""
+    from nextstep.training.train import Batches
+
+    path = write_config(tmp_path, ref10 / "vae")
+    path.write_text(path.read_text().replace('sources = [{ kind = "shapes", size = 32 }]',
+                                             'sources = [{ kind = "shapes", size = 32, dark_prob = 1.0 }, '
+                                             '{ kind = "shapes", size = 32, edits = true }]'))
+    batches = Batches(TrainConfig.from_file(path), collator=None, per_rank=4, rank=0, world=1)
+    scenes, edits = batches.datasets
+    assert scenes.config.dark_prob == 1.0 and edits.config.dark_prob == 0.2
+    samples = iter(scenes)
+    assert all(next(samples)["labels"]["background"] == "dark" for _ in range(8))

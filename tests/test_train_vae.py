@@ -80,7 +80,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_reconstruction_loss_falls(full_run: Path) -> None:
     lines = json.loads("[" + ",".join((full_run / "metrics.jsonl").read_text().splitlines()) + "]")
     assert [m["step"] for m in lines] == list(range(1, 31))
-    assert set(lines[0]) == {"step", "loss", "rec_loss", "kl_loss", "lr", "grad_norm", "samples_per_s"}
+    assert set(lines[0]) == {"step", "loss", "rec_loss", "kl_loss", "anchor_loss", "lr", "grad_norm", "samples_per_s"}
     assert lines[0]["lr"] == pytest.approx(5e-3 / 5) and lines[4]["lr"] == pytest.approx(5e-3)
     first = np.mean([m["rec_loss"] for m in lines[:5]])
     last = np.mean([m["rec_loss"] for m in lines[-5:]])
@@ -238,3 +238,42 @@ def test_shapes_recipe_vae_stages_parse() -> None:
     assert not configs["vae.toml"].freeze_encoder
     decoder = configs["vae-decoder.toml"]
     assert decoder.freeze_encoder and decoder.init_from == configs["vae.toml"].run_dir + "/export"
+    # The dark-image stage fine-tunes the shipped VAE (first encoder, tuned decoder) whole, anchored.
+    dark = configs["vae-dark.toml"]
+    assert dark.init_from == decoder.run_dir + "/export" and not dark.freeze_encoder
+    assert dark.loss.anchor > 0 and dark.data.dark_prob > 0.2
+
+
+def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_path: Path) -> None:
+    """`loss.anchor` pulls the posterior means toward the init_from encoder's: with it the held-out
+    latents move less in the same steps, and the logged anchor_loss is that distance."""
+    base = AutoencoderKL.from_pretrained(full_run / "export")
+    heldout = vae_training.load_heldout(load(tmp_path, tmp_path / "x").data, 16)
+    before = vae_training.latent_means(base, heldout, 8)
+    moved = {}
+    for anchor in (0.0, 50.0):
+        run = tmp_path / f"anchor-{anchor}"
+        extra = f'init_from = "{full_run / "export"}"\n'
+        toml = write_config(tmp_path, run, extra).read_text().replace("steps = 30", "steps = 6")
+        (tmp_path / "vae.toml").write_text(toml.replace("noise_max = 0.3", f"noise_max = 0.3\nanchor = {anchor}"))
+        tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"),
+                                                        progress=False))
+        moved[anchor] = (vae_training.latent_means(tuned, heldout, 8) - before).pow(2).mean().item()
+        logged = [m["anchor_loss"] for m in metrics(run)]
+        assert (max(logged) > 0) == (anchor > 0)
+    assert moved[50.0] < 0.5 * moved[0.0], moved
+
+
+def test_anchor_needs_a_trainable_base(tmp_path: Path) -> None:
+    anchored = TINY_TOML.format(run_dir=tmp_path / "run").replace("noise_max = 0.3", "noise_max = 0.3\nanchor = 1.0")
+    for extra in ("", f'init_from = "{tmp_path}"\nfreeze_encoder = true\n'):
+        (tmp_path / "a.toml").write_text(extra + anchored)
+        with pytest.raises(ConfigError, match="'loss.anchor' holds a trained encoder near its init_from"):
+            VAETrainConfig.from_toml(tmp_path / "a.toml")
+
+
+def test_dark_prob_reaches_the_shapes_stream() -> None:
+    config = vae_training.DataConfig(dark_prob=1.0, image_size=32)
+    images = vae_training.load_heldout(config, 4)
+    dark = (25 / 127.5) - 1  # the dark background, in [-1, 1]
+    assert torch.allclose(images[:, :, 0, 0], torch.full((4, 3), dark), atol=1e-3)

@@ -34,7 +34,9 @@ class ModelSection:
     With `init_from`, `config` may set only `TRAINING_ONLY_FIELDS`."""
 
     tokenizer: str = "shapes"  # a folder with tokenizer.json, or "shapes" to build the shapes-world BPE
-    vae: str = ""  # a VAE folder (official layout)
+    # A VAE folder (official layout). With init_from it replaces that model's VAE: the stage
+    # continues the model on another tokenizer's latents (e.g. a fine-tuned encoder).
+    vae: str = ""
     lm_init: str = ""  # optional: a Qwen2 / Llama folder (e.g. Qwen2.5-14B) to start the decoder from
     config: dict[str, Any] = field(default_factory=dict)  # NextStepConfig fields
 
@@ -54,6 +56,7 @@ class DataSource:
     weight: float = 1.0  # share of the batches drawn from this source
     size: int = 64  # shapes: image side
     edits: bool = False  # shapes: editing triplets instead of captions
+    dark_prob: float = 0.2  # shapes: the share of scenes (edits: sources) on a dark background
     path: str = ""  # files: folder, manifest or shard pattern
     resolution: int = 256  # files: bucket base resolution
     task: str = "t2i"  # files: "t2i" or "edit"
@@ -164,11 +167,15 @@ class TrainConfig:
                 problems.append(f"data.sources[{i}].size={s.size} (a multiple of 16)")
             if s.kind == "files" and not _exists(s.path):
                 problems.append(f"data.sources[{i}].path={s.path!r} does not exist")
+            if s.kind == "shapes" and not 0 <= s.dark_prob <= 1:
+                problems.append(f"data.sources[{i}].dark_prob={s.dark_prob} (must be in [0, 1])")
             if not s.weight > 0:
                 problems.append(f"data.sources[{i}].weight={s.weight} (must be > 0)")
         if self.init_from:
             if not Path(self.init_from).is_dir():
                 problems.append(f"init_from={self.init_from!r} does not exist (run the previous stage first)")
+            if self.model.vae and not Path(self.model.vae, "config.json").is_file():
+                problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run its VAE stage first)")
             fixed = sorted(set(self.model.config) - set(TRAINING_ONLY_FIELDS))
             if fixed:
                 problems.append(f"model.config sets {fixed}, which the init_from model fixes; a stage that "

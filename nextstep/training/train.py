@@ -65,11 +65,12 @@ def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, Te
             model.config.validate(f"{config.source} [model]")
             model.image_head.batch_mul = model.config.fm_head_batch_mul
         tokenizer = TextTokenizer.from_pretrained(folder)
-        vae_dir = folder / (model.config.vae_name_or_path or "vae")
+        trained_on = folder / (model.config.vae_name_or_path or "vae")
+        vae_dir = Path(config.model.vae) if config.model.vae else trained_on  # `[model] vae`: a new image tokenizer
     else:
         tokenizer = (shapes_tokenizer() if config.model.tokenizer == "shapes"
                      else TextTokenizer.from_pretrained(config.model.tokenizer))
-        vae_dir = Path(config.model.vae)
+        vae_dir = trained_on = Path(config.model.vae)
         vocab = math.ceil(len(tokenizer) / 64) * 64  # padded like the official vocabularies
         fields = dict(vocab_size=vocab, boi=tokenizer.boi_id, eoi=tokenizer.eoi_id,
                       image_placeholder_id=tokenizer.placeholder_id, pad_token_id_added=tokenizer.pad_id,
@@ -90,7 +91,9 @@ def build_parts(config: TrainConfig, device: torch.device) -> tuple[NextStep, Te
         raise ValueError(f"VAE {vae_dir} has {vae.config.z_channels} latent channels, "
                          f"the model {model.config.latent_channels}")
     if config.init_blend.path:
-        blend_into(model, tokenizer, vae, Path(config.init_blend.path), config.init_blend.weight)
+        # The two blended runs must share the latent space init_from was trained on (not a new `vae`'s).
+        own = vae if vae_dir == trained_on else AutoencoderKL.from_pretrained(trained_on, family=model.config.family)
+        blend_into(model, tokenizer, own, Path(config.init_blend.path), config.init_blend.weight)
     return model, tokenizer, vae
 
 
@@ -102,7 +105,8 @@ class Batches:
         self.datasets = []
         for s in config.data.sources:
             if s.kind == "shapes":
-                ds = ShapesDataset(size=s.size, seed=config.seed, edits=s.edits, rank=rank, world_size=world)
+                ds = ShapesDataset(size=s.size, seed=config.seed, edits=s.edits, dark_prob=s.dark_prob, rank=rank,
+                                   world_size=world)
             else:
                 ds = open_dataset(s.path, resolution=s.resolution, task=s.task, seed=config.seed,
                                   rank=rank, world_size=world)

@@ -21,6 +21,12 @@ What one step does (read `train_vae` top to bottom):
 5. AdamW step with the gradient norm clipped, the learning rate warmed up linearly
    and then decayed by a cosine to `min_lr_ratio * lr`.
 
+`loss.anchor` (with `init_from`) adds `anchor * mean((mean - mean_0)^2)`, where
+mean_0 is the posterior mean of the init_from VAE, a frozen copy: the fine-tuned
+encoder may move where reconstruction needs it (the shapes recipe's second VAE
+stage separates colours on dark backgrounds) and stays near its old latents
+elsewhere, so the generators trained on them follow in a short stage.
+
 `freeze_encoder = true` (with `init_from`) trains the decoder alone: the encoder
 stays in eval mode without gradients and the export keeps the base's
 `shift_factor` and `scaling_factor`, so the latents, and every generator trained
@@ -43,7 +49,7 @@ reconstruction PSNR of the same images is printed and written to
 `RUN/export` (loadable with `AutoencoderKL.from_pretrained`).
 
 Run folder: `config.json` (the resolved config), `metrics.jsonl` (one line per
-step: step, loss, rec_loss, kl_loss, lr, grad_norm, samples_per_s),
+step: step, loss, rec_loss, kl_loss, anchor_loss, lr, grad_norm, samples_per_s),
 `checkpoints/step_XXXXXXXX/` (model, optimizer, RNG states, data position; the
 last `keep_last`), `report.json`, `export/`. On CPU, the same config gives the
 same metrics bit for bit (all but the timing field `samples_per_s`, at the same
@@ -54,6 +60,7 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -97,6 +104,7 @@ class DataConfig:
     seed: int = 0  # shapes: the world's seed; real data: the shuffle seed
     heldout_source: str | None = None  # required for real data: images never trained on
     heldout_seed: int | None = None  # shapes: the held-out world's seed (default: seed + 1)
+    dark_prob: float = 0.2  # shapes: the share of images on a dark background (the world's default)
 
     @property
     def is_shapes(self) -> bool:
@@ -109,6 +117,10 @@ class LossConfig:
     mse: float = 0.0
     kl: float = 1e-6
     noise_max: float = 0.5  # gamma: alpha ~ U[0, gamma] per image
+    # With init_from: weight of the mean squared distance between the posterior means and those
+    # of the init_from encoder (a frozen copy). It keeps a fine-tuned encoder's latent space near
+    # the one generators were trained on, so they follow it in a short stage.
+    anchor: float = 0.0
 
 
 @dataclass
@@ -156,13 +168,18 @@ class VAETrainConfig:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {list(self.betas)}")
-        for name in ("l1", "mse", "kl", "noise_max"):
+        for name in ("l1", "mse", "kl", "noise_max", "anchor"):
             if getattr(self.loss, name) < 0:
                 raise ConfigError(f"config key 'loss.{name}' must be >= 0, got {getattr(self.loss, name)}")
         if self.loss.l1 == 0 and self.loss.mse == 0:
             raise ConfigError("config keys 'loss.l1' and 'loss.mse' are both 0: nothing would train the decoder")
         if self.freeze_encoder and self.init_from is None:
             raise ConfigError("config key 'freeze_encoder' needs 'init_from': a new encoder cannot stay frozen")
+        if self.loss.anchor and (self.init_from is None or self.freeze_encoder):
+            raise ConfigError("config key 'loss.anchor' holds a trained encoder near its init_from: it needs "
+                              "'init_from' and a trainable encoder (freeze_encoder = false)")
+        if not 0 <= self.data.dark_prob <= 1:
+            raise ConfigError(f"config key 'data.dark_prob' must be in [0, 1], got {self.data.dark_prob}")
         if self.data.image_size <= 0:
             raise ConfigError(f"config key 'data.image_size' must be positive, got {self.data.image_size}")
         if self.data.is_shapes and self.data.heldout_source is not None:
@@ -254,7 +271,7 @@ def _open_source(source: str, config: DataConfig, seed: int, what: str, shuffle:
 
     if source == "shapes":
         try:
-            return ShapesDataset(size=config.image_size, seed=seed)
+            return ShapesDataset(size=config.image_size, seed=seed, dark_prob=config.dark_prob)
         except ValueError as e:
             raise ConfigError(f"config key 'data.image_size': {e}") from None
     local = "://" not in source and "{" not in source
@@ -465,6 +482,8 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
             else:
                 model = AutoencoderKL(config.vae_config())
                 _start_nearly_deterministic(model)
+        # The anchor: the init_from VAE as it was, frozen (built before a checkpoint is loaded).
+        anchor = copy.deepcopy(model).to(device).eval().requires_grad_(False) if config.loss.anchor else None
         model.to(device).train()
         if config.freeze_encoder:
             model.encoder.requires_grad_(False).eval()
@@ -505,6 +524,12 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                 rec = reconstruction_loss(x_rec, x, config.loss)
                 kl = kl_loss(posterior)
                 loss = rec + config.loss.kl * kl
+                drift = torch.zeros(())
+                if anchor is not None:
+                    with torch.no_grad():
+                        before = anchor.encode(x).mean
+                    drift = (posterior.mean - before).pow(2).mean()
+                    loss = loss + config.loss.anchor * drift
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -516,7 +541,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
                     raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower 'lr' or "
                                              "raise 'warmup_steps' and resume from the last checkpoint")
                 line = {"step": step, "loss": loss.item(), "rec_loss": rec.item(), "kl_loss": kl.item(),
-                        "lr": lr, "grad_norm": grad_norm.item(),
+                        "anchor_loss": drift.item(), "lr": lr, "grad_norm": grad_norm.item(),
                         "samples_per_s": config.batch_size / (time.perf_counter() - start)}
                 log.write(json.dumps(line) + "\n")
                 log.flush()

@@ -6,10 +6,10 @@ cd "$(dirname "$0")/../.."
 start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
-nextstep train recipes/shapes                     # stages 1-12 in order; stops before the DPO stage
-# ship 0.7 x stage 12 + 0.3 x stage 11, with the fine-tuned decoder
-python -m nextstep.training.ship runs/shapes/12-edits-heavy/export nextstep/assets/shapes \
-    --blend runs/shapes/11-edits-more/export 0.3 --vae runs/shapes/vae-dec/export \
+nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
+nextstep train recipes/shapes                     # stages 1-13 in order; stops before the DPO stage
+# ship stage 13 (on the dark-trained VAE, which its export carries)
+python -m nextstep.training.ship runs/shapes/13-dark-vae/export nextstep/assets/shapes \
     --defaults recipes/shapes/generation_defaults.json --card recipes/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
