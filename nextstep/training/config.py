@@ -35,7 +35,7 @@ class ModelSection:
 
     tokenizer: str = "shapes"  # a folder with tokenizer.json, or "shapes" to build the shapes-world BPE
     # A VAE folder (official layout). With init_from it replaces that model's VAE: the stage
-    # continues the model on another tokenizer's latents (e.g. a fine-tuned encoder).
+    # continues the model on another VAE's latents (e.g. a fine-tuned encoder).
     vae: str = ""
     lm_init: str = ""  # optional: a Qwen2 / Llama folder (e.g. Qwen2.5-14B) to start the decoder from
     config: dict[str, Any] = field(default_factory=dict)  # NextStepConfig fields
@@ -174,8 +174,6 @@ class TrainConfig:
         if self.init_from:
             if not Path(self.init_from).is_dir():
                 problems.append(f"init_from={self.init_from!r} does not exist (run the previous stage first)")
-            if self.model.vae and not Path(self.model.vae, "config.json").is_file():
-                problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run its VAE stage first)")
             fixed = sorted(set(self.model.config) - set(TRAINING_ONLY_FIELDS))
             if fixed:
                 problems.append(f"model.config sets {fixed}, which the init_from model fixes; a stage that "
@@ -191,10 +189,11 @@ class TrainConfig:
         if not self.init_from:
             if self.model.tokenizer != "shapes" and not (Path(self.model.tokenizer) / "tokenizer.json").is_file():
                 problems.append(f"model.tokenizer={self.model.tokenizer!r} has no tokenizer.json")
-            if not Path(self.model.vae, "config.json").is_file():
-                problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run the VAE stage first)")
             if self.model.lm_init and not Path(self.model.lm_init).is_dir():
                 problems.append(f"model.lm_init={self.model.lm_init!r} does not exist")
+        # A new model needs a VAE; a continued one may switch to another (`[model] vae`).
+        if (self.model.vae or not self.init_from) and not Path(self.model.vae, "config.json").is_file():
+            problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run its VAE stage first)")
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
 
