@@ -7,9 +7,9 @@ start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
-nextstep train recipes/shapes                     # stages 1-15 in order; stops before the DPO stage
-# ship stage 15 (on the dark-trained VAE, which its export carries)
-python -m nextstep.training.ship runs/shapes/15-edits-longer/export nextstep/assets/shapes \
+nextstep train recipes/shapes                     # stages 1-16 in order; stops before the DPO stage
+# ship stage 16 (on the dark-trained VAE, which its export carries)
+python -m nextstep.training.ship runs/shapes/16-long-cycle/export nextstep/assets/shapes \
     --defaults recipes/shapes/generation_defaults.json --card recipes/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
