@@ -28,9 +28,9 @@ import torch
 
 from nextstep import NextStepPipeline
 from nextstep.data.batching import Collator
-from nextstep.data.shapes import ShapesDataset
-from nextstep.eval.benchmark import generation_settings
 from nextstep.pipeline import pixels_to_pil
+from nextstep.shapes.benchmark import generation_settings
+from nextstep.shapes.dataset import ShapesDataset
 from nextstep.training.train import image_generators, sample_latents
 
 FP32_TOL = 2e-3  # tokens: the fixtures' end-to-end tolerance with guidance is 1e-3..5e-3

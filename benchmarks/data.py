@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from nextstep.cli import main as cli
-from nextstep.data import Collator, ShapesConfig, ShapesDataset, ShardDataset, make_sample
-from nextstep.data.shapes import render
+from nextstep.data import Collator, ShardDataset
+from nextstep.shapes import ShapesConfig, ShapesDataset, make_sample, render
 from nextstep.text import TextTokenizer
 
-TOKENIZER = Path("/work/shared/fixtures/reference-tiny/model")
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny" / "model"
 
 
 def rate(fn, seconds: float) -> float:

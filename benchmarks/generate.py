@@ -33,7 +33,7 @@ from nextstep.sampling import SAMPLERS
 from nextstep.sampling.flow import PreparedSampler
 from nextstep.text import TextTokenizer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-tiny"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny"
 BENCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
              intermediate_size=768, vocab_size=576, fm_head_dim=256, fm_head_layers=3)
 # Official pipeline, seconds per image on this kind of machine (fp32, 64 tokens, cfg 3, 20 steps).

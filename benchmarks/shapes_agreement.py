@@ -22,8 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from nextstep.data.shapes import CATEGORIES, render_image, sample_edit, sample_scene
-from nextstep.eval.shapes import check, check_edit, corrupt, corrupt_edit, degrade
+from nextstep.shapes import CATEGORIES, check, check_edit, render_image, sample_edit, sample_scene
+from nextstep.shapes.corrupt import corrupt, corrupt_edit, degrade
 
 
 def run_chunk(size: int, category: str, start: int, stop: int) -> Counter:

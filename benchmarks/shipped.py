@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from nextstep import NextStepPipeline
-from nextstep.eval.benchmark import generation_settings
+from nextstep.shapes.benchmark import generation_settings
 
 PROMPT = "a red circle to the left of a blue square"
 

@@ -44,7 +44,7 @@ from nextstep.training.config import TrainConfig
 from nextstep.training.train import Batches, build_parts, train
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE_VAE = REPO.parent / "shared" / "fixtures" / "reference-tiny" / "vae"
+FIXTURE_VAE = REPO / "tests" / "fixtures" / "reference-tiny" / "vae"
 WARMUP = 2  # steps left out of the timing (allocations, first-call overheads)
 
 

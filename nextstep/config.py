@@ -25,7 +25,22 @@ from typing import Any
 from .errors import ConfigError
 
 MODEL_TYPES = ("nextstep", "stepx_llama")
-FAMILIES = ("nextstep-1", "nextstep-1.1")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the official pipeline of a checkpoint family samples (see the fixture READMEs)."""
+
+    default_sampler: str
+    shared_noise: bool  # 1.0: the k-th image of every caption gets the same noise
+    reseed_after_encoding: bool  # 1.1: token noise starts from a fresh seed after encoding images
+
+
+# The checkpoint families, keyed by name (a config's `family`, derived from its layout).
+FAMILIES = {
+    "nextstep-1": Family("euler_maruyama", shared_noise=True, reseed_after_encoding=False),
+    "nextstep-1.1": Family("sde", shared_noise=False, reseed_after_encoding=True),
+}
 # The published NextStep-1.1 config.json names some fields differently.
 HUB_11_FIELDS = {"image_size": "latent_size", "patch_size": "latent_patch_size", "num_channels": "latent_channels",
                  "genloss_width": "fm_head_dim", "genloss_depth": "fm_head_layers",
@@ -173,7 +188,7 @@ class NextStepConfig:
         """Reject values the implementation would silently get wrong."""
         problems = []
         if self.family not in FAMILIES:
-            problems.append(f"family={self.family!r} (one of {FAMILIES})")
+            problems.append(f"family={self.family!r} (one of {list(FAMILIES)})")
         if (self.family == "nextstep-1.1") != (self.model_type == "stepx_llama"):
             problems.append(f"model_type={self.model_type!r} does not fit family {self.family!r}")
         if self.hidden_act != "silu":

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
 from nextstep import AutoencoderKL, NextStep, NextStepConfig
-from nextstep.data import Collator, ShapesDataset, encode_images
+from nextstep.data import Collator, encode_images
 from nextstep.data.batching import IGNORE
 from nextstep.data.stream import META
+from nextstep.shapes.dataset import ShapesDataset
 from nextstep.text import IMAGE_TAG, TextTokenizer, image_block, image_prefix
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-tiny"
+from .conftest import REF10 as FIXTURE
 
 
 @pytest.fixture(scope="module")
 def tok() -> TextTokenizer:
-    if not (FIXTURE / "model" / "tokenizer.json").is_file():
-        pytest.skip(f"tokenizer fixture not found at {FIXTURE}")
     return TextTokenizer.from_pretrained(FIXTURE / "model")
 
 

@@ -24,7 +24,9 @@ from PIL import Image
 import nextstep.devices as devices
 import nextstep.pipeline as pipeline_module
 from nextstep.cli import main
-from nextstep.data.shapes import (
+from nextstep.errors import CheckpointError
+from nextstep.pipeline import OFFICIAL_DEFAULTS, NextStepPipeline, with_image_tag
+from nextstep.shapes import (
     CATEGORIES,
     EDIT_OPS,
     Scene,
@@ -34,15 +36,13 @@ from nextstep.data.shapes import (
     render_image,
     scene_for_caption,
 )
-from nextstep.errors import CheckpointError
-from nextstep.eval.benchmark import (
+from nextstep.shapes.benchmark import (
     FAIL,
     PASS,
     benchmark_prompts,
     run_edits_benchmark,
     run_shapes_benchmark,
 )
-from nextstep.pipeline import OFFICIAL_DEFAULTS, NextStepPipeline, with_image_tag
 
 DEFAULTS = {"cfg": 3.0, "cfg_img": 1.5, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": False,
             "sampler": "euler_maruyama"}

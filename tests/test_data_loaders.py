@@ -32,9 +32,9 @@ from nextstep.data import (
     fit_to_bucket,
     open_dataset,
 )
-from nextstep.data.shapes import parse_caption, parse_instruction
 from nextstep.data.stream import StreamDataset, is_bookkeeping
-from nextstep.text.train_tokenizer import shapes_tokenizer
+from nextstep.shapes.grammar import parse_caption, parse_instruction
+from nextstep.shapes.tokenizer import shapes_tokenizer
 
 
 

@@ -1,4 +1,4 @@
-"""Parity with the official NextStep-1 implementation, case by case (../shared/fixtures/reference-tiny).
+"""Parity with the official NextStep-1 implementation, case by case (tests/fixtures/reference-tiny).
 
 Tolerances follow the fixture README: components ~1e-5 in fp32; end-to-end
 tokens ~1e-3 with guidance (5e-3 for the 3-way edit); PIL pixels +-1. The

@@ -1,4 +1,4 @@
-"""Parity with the official NextStep-1.1 pipeline, case by case (../shared/fixtures/reference-1.1-tiny).
+"""Parity with the official NextStep-1.1 pipeline, case by case (tests/fixtures/reference-1.1-tiny).
 
 Tolerances from the fixture README: components 1e-5; end-to-end tokens 2e-3;
 decoded images 1e-3; PNG pixels +-1. The checkpoint is loaded through the

@@ -12,9 +12,9 @@ from openai import OpenAI
 from PIL import Image
 
 from nextstep import NextStepPipeline
-from nextstep.data.shapes import ShapesDataset
 from nextstep.pipeline import pixels_to_pil
 from nextstep.serving.api import Limits
+from nextstep.shapes.dataset import ShapesDataset
 
 from .serving import API_KEY, STEPS, serve
 

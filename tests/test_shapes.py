@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import replace
@@ -14,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nextstep.cli import main
-from nextstep.data.shapes import (
+from nextstep.shapes import (
     BACKGROUNDS,
     CATEGORIES,
     COLOURS,
@@ -26,17 +28,20 @@ from nextstep.data.shapes import (
     SceneObject,
     ShapesConfig,
     ShapesDataset,
+    check,
+    check_edit,
+    detect,
     make_sample,
     parse_caption,
     parse_instruction,
-    relation_holds,
     render,
     render_image,
     sample_edit,
     sample_scene,
-    shape_mask,
 )
-from nextstep.eval.shapes import check, check_edit, corrupt, corrupt_edit, degrade, detect
+from nextstep.shapes.corrupt import corrupt, corrupt_edit, degrade
+from nextstep.shapes.renderer import shape_mask
+from nextstep.shapes.world import relation_holds
 
 SPEC_COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
                 "yellow": (240, 200, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
@@ -369,14 +374,39 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 def test_labels_round_trip_and_bad_labels():
     scene = make_sample(ShapesConfig(seed=1), 0).scene
     assert Scene.from_labels(json.loads(json.dumps(scene.labels()))) == scene
+    assert replace(scene, background="dark") != scene
     with pytest.raises(ValueError, match="labels"):
         Scene.from_labels({"size": 64})
 
 
-def test_pixels_match_the_pipeline_convention():
-    from nextstep.data.shapes import to_pixels
-    from nextstep.pipeline import pil_to_pixels
+def test_dataset_pixels_follow_the_reference_convention():
+    # The reference's ToTensor + Normalize(0.5, 0.5), written out in torch.
+    ds = ShapesDataset(size=64, seed=1)
+    sample = next(iter(ds))
+    image = torch.from_numpy(render(make_sample(ds.config, 0).scene))
+    reference = image.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    assert sample["pixels"].dtype == torch.float32 and sample["pixels"].is_contiguous()
+    assert torch.allclose(sample["pixels"], reference)
 
-    scene = make_sample(ShapesConfig(seed=1), 0).scene
-    assert torch.allclose(to_pixels(render(scene)), pil_to_pixels(render_image(scene)))
-    assert replace(scene, background="dark") != scene
+
+CORE_PACKAGES = ("nextstep.config", "nextstep.model", "nextstep.sampling", "nextstep.vae", "nextstep.text",
+                 "nextstep.io", "nextstep.pipeline")
+
+
+def _shapes_modules_after_importing(*modules: str) -> list[str]:
+    """The nextstep.shapes modules loaded by importing `modules` in a fresh interpreter."""
+    code = (f"import json, sys; import {', '.join(modules)}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[:2] == ['nextstep', 'shapes'])))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_core_packages_do_not_import_the_shapes_world():
+    assert _shapes_modules_after_importing(*CORE_PACKAGES) == []
+
+
+@pytest.mark.xfail(strict=True, reason="serving/engine.py still takes generation_settings from "
+                   "nextstep.shapes.benchmark; drop this mark once it no longer does")
+def test_serving_does_not_import_the_shapes_world():
+    assert _shapes_modules_after_importing("nextstep.serving", "nextstep.pipeline") == []

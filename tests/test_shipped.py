@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nextstep import NextStepPipeline
-from nextstep.eval.shapes import detect
 from nextstep.pipeline import SHIPPED_MODEL
+from nextstep.shapes.detector import detect
 
 MAX_BYTES = 40 * 2**20
 

@@ -313,3 +313,39 @@ def test_dark_prob_reaches_the_shapes_sources(tmp_path, ref10):
     assert scenes.config.dark_prob == 1.0 and edits.config.dark_prob == 0.2
     samples = iter(scenes)
     assert all(next(samples)["labels"]["background"] == "dark" for _ in range(8))
+
+
+def test_one_learning_rate_schedule():
+    """Both loops take step s's learning rate from `optim.learning_rate`: a linear warm-up, then
+    constant or a cosine to min_lr_ratio * lr at the last step."""
+    import math
+
+    from nextstep.training.config import OptimSection
+    from nextstep.training.optim import learning_rate
+    from nextstep.training.vae_config import VAEOptimSection
+
+    cosine = OptimSection(lr=1e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [learning_rate(s, cosine, 20) for s in range(20)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))))
+    assert learning_rate(25, cosine, 20) == pytest.approx(1e-4)  # past the end: the floor
+    constant = OptimSection(lr=1e-3, warmup_steps=4, schedule="constant")
+    assert [learning_rate(s, constant, 20) for s in range(3, 20)] == [1e-3] * 17
+    assert VAEOptimSection().schedule == "cosine" and OptimSection().schedule == "constant"
+
+
+def test_metrics_log_is_cut_back_to_the_resumed_step(tmp_path):
+    """A resumed run redoes the steps after its checkpoint: their lines, and one torn by a kill, go."""
+    from nextstep.training.metrics import MetricsLog, refuse_to_overwrite
+
+    with MetricsLog(tmp_path, 0) as log:
+        for step in (1, 2, 3):
+            log.write({"step": step, "loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        refuse_to_overwrite(tmp_path, resume=False)
+    with MetricsLog(tmp_path, 2) as log:
+        log.write({"step": 3, "loss": 30.0})
+    assert metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]

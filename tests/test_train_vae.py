@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +14,30 @@ from PIL import Image
 
 import nextstep.training.vae as vae_training
 from nextstep.cli import main
-from nextstep.data import ShapesDataset
 from nextstep.errors import ConfigError
+from nextstep.shapes.dataset import ShapesDataset
 from nextstep.training.blend import check_same_latents
-from nextstep.training.vae import VAETrainConfig, train_vae
+from nextstep.training.config_file import to_dict
+from nextstep.training.vae import train_vae
+from nextstep.training.vae_config import RENAMED, DataConfig, VAETrainConfig, resume_conflicts
 from nextstep.vae import AutoencoderKL
 
 # encoder_norm is off on purpose: the raw posterior means are then far from unit scale,
 # so mean ~0 / std ~1 after export can only come from the stored factors.
 TINY_TOML = """
-run_dir = "{run_dir}"
+out_dir = "{out_dir}"
 steps = 30
-batch_size = 8
+heldout = 32
+threads = 1
+
+[optim]
 lr = 5e-3
 warmup_steps = 5
 min_lr_ratio = 1.0
+
+[train]
 checkpoint_every = 10
 keep_last = 2
-heldout = 32
-threads = 1
 
 [vae]
 ch = 32
@@ -42,6 +48,7 @@ z_channels = 16
 [data]
 source = "shapes"
 image_size = 32
+batch_size = 8
 
 [loss]
 l1 = 1.0
@@ -51,19 +58,19 @@ noise_max = 0.3
 """
 
 
-def write_config(tmp: Path, run_dir: Path, extra: str = "", name: str = "vae.toml") -> Path:
+def write_config(tmp: Path, out_dir: Path, extra: str = "", name: str = "vae.toml") -> Path:
     path = tmp / name
-    path.write_text(extra + TINY_TOML.format(run_dir=run_dir))
+    path.write_text(extra + TINY_TOML.format(out_dir=out_dir))
     return path
 
 
-def load(tmp: Path, run_dir: Path) -> VAETrainConfig:
-    return VAETrainConfig.from_toml(write_config(tmp, run_dir))
+def load(tmp: Path, out_dir: Path) -> VAETrainConfig:
+    return VAETrainConfig.from_file(write_config(tmp, out_dir))
 
 
-def metrics(run_dir: Path) -> list[dict]:
+def metrics(out_dir: Path) -> list[dict]:
     """metrics.jsonl without the timing field (the one value that may differ between runs)."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         del line["samples_per_s"]
     return lines
@@ -144,8 +151,8 @@ def test_trains_on_an_image_folder_and_resumes_at_an_epoch_end(tmp_path: Path) -
         'source = "shapes"', f'source = "{tmp_path / "train"}"\nheldout_source = "{tmp_path / "heldout"}"')
     configs = []
     for name in ("full", "cut"):
-        (tmp_path / f"{name}.toml").write_text(text.format(run_dir=tmp_path / name))
-        configs.append(VAETrainConfig.from_toml(tmp_path / f"{name}.toml"))
+        (tmp_path / f"{name}.toml").write_text(text.format(out_dir=tmp_path / name))
+        configs.append(VAETrainConfig.from_file(tmp_path / f"{name}.toml"))
     export = train_vae(configs[0], progress=False)
     assert len(metrics(tmp_path / "full")) == 5  # 15 samples from 6 images: the epochs wrap around
     assert json.loads((tmp_path / "full" / "report.json").read_text())["heldout_images"] == 3
@@ -172,6 +179,9 @@ def test_trains_on_an_image_folder_and_resumes_at_an_epoch_end(tmp_path: Path) -
     (lambda t: t.replace("ch = 32", "ch = 16"), "multiple of 32"),
     (lambda t: t.replace("image_size = 32", "image_size = 36"), "data.image_size 36 must be a multiple of 8"),
     (lambda t: t.replace("z_channels = 16", "z_channels = 16\nscaling_factor = 0.5"), "computed"),
+    (lambda t: t.replace("min_lr_ratio = 1.0", 'min_lr_ratio = 1.0\nschedule = "linear"'),
+     "optim.schedule='linear' (constant or cosine)"),
+    (lambda t: t.replace("min_lr_ratio = 1.0", "min_lr_ratio = 1.0\ngrad_accum = 2"), "the VAE's loop takes 1 only"),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, edit,
                                              message: str) -> None:
@@ -180,9 +190,9 @@ def test_bad_config_fails_before_any_compute(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(vae_training, "AutoencoderKL", no_model)
     path = tmp_path / "bad.toml"
-    path.write_text(edit(TINY_TOML.format(run_dir=tmp_path / "run")))
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        train_vae(VAETrainConfig.from_toml(path), progress=False)
+    path.write_text(edit(TINY_TOML.format(out_dir=tmp_path / "run")))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train_vae(VAETrainConfig.from_file(path), progress=False)
     assert main(["train-vae", str(path)]) == 2  # the CLI: one line naming the problem, no traceback
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -194,9 +204,9 @@ def test_refuses_to_overwrite_or_resume_a_changed_run(full_run: Path, tmp_path: 
     monkeypatch.setattr(vae_training, "AutoencoderKL", None)  # any use of it would fail loudly
     with pytest.raises(ConfigError, match="already holds a run"):
         train_vae(load(tmp_path, full_run), progress=False)
-    changed = VAETrainConfig.from_toml(write_config(tmp_path, full_run).rename(tmp_path / "x.toml"))
-    changed.lr = 1e-4
-    with pytest.raises(ConfigError, match=r"config changed since its checkpoint in \['lr'\]"):
+    changed = VAETrainConfig.from_file(write_config(tmp_path, full_run).rename(tmp_path / "x.toml"))
+    changed.optim.lr = 1e-4
+    with pytest.raises(ConfigError, match=r"config changed since its checkpoint in \['optim.lr'\]"):
         train_vae(changed, resume=True, progress=False)
 
 
@@ -205,7 +215,7 @@ def test_freeze_encoder_keeps_the_latent_space_and_trains_the_decoder(full_run: 
     extra = f'init_from = "{full_run / "export"}"\nfreeze_encoder = true\n'
     toml = write_config(tmp_path, tmp_path / "run", extra).read_text().replace("steps = 30", "steps = 5")
     (tmp_path / "vae.toml").write_text(toml)
-    tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"),
+    tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_file(tmp_path / "vae.toml"),
                                                     progress=False))
     a, b = base.state_dict(), tuned.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
@@ -227,20 +237,20 @@ def test_freeze_encoder_keeps_the_latent_space_and_trains_the_decoder(full_run: 
 
 def test_freeze_encoder_needs_a_base(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'freeze_encoder' needs 'init_from'"):
-        VAETrainConfig.from_toml(write_config(tmp_path, tmp_path / "run", "freeze_encoder = true\n"))
+        VAETrainConfig.from_file(write_config(tmp_path, tmp_path / "run", "freeze_encoder = true\n"))
 
 
 def test_shapes_recipe_vae_stages_parse() -> None:
     """The recipe's tokenizer stages read cleanly; the decoder stage keeps the first stage's latent space."""
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
-    configs = {p.name: VAETrainConfig.from_toml(p) for p in sorted(root.glob("vae*.toml"))}
+    configs = {p.name: VAETrainConfig.from_file(p) for p in sorted(root.glob("vae*.toml"))}
     assert {"vae.toml", "vae-decoder.toml"} <= set(configs)
     assert not configs["vae.toml"].freeze_encoder
     decoder = configs["vae-decoder.toml"]
-    assert decoder.freeze_encoder and decoder.init_from == configs["vae.toml"].run_dir + "/export"
+    assert decoder.freeze_encoder and decoder.init_from == configs["vae.toml"].out_dir + "/export"
     # The dark-image stage fine-tunes the shipped VAE (first encoder, tuned decoder) whole, anchored.
     dark = configs["vae-dark.toml"]
-    assert dark.init_from == decoder.run_dir + "/export" and not dark.freeze_encoder
+    assert dark.init_from == decoder.out_dir + "/export" and not dark.freeze_encoder
     assert dark.loss.anchor > 0 and dark.data.dark_prob > 0.2
 
 
@@ -256,7 +266,7 @@ def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_pat
         extra = f'init_from = "{full_run / "export"}"\n'
         toml = write_config(tmp_path, run, extra).read_text().replace("steps = 30", "steps = 6")
         (tmp_path / "vae.toml").write_text(toml.replace("noise_max = 0.3", f"noise_max = 0.3\nanchor = {anchor}"))
-        tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_toml(tmp_path / "vae.toml"),
+        tuned = AutoencoderKL.from_pretrained(train_vae(VAETrainConfig.from_file(tmp_path / "vae.toml"),
                                                         progress=False))
         moved[anchor] = (vae_training.latent_means(tuned, heldout, 8) - before).pow(2).mean().item()
         logged = [m["anchor_loss"] for m in metrics(run)]
@@ -265,15 +275,40 @@ def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_pat
 
 
 def test_anchor_needs_a_trainable_base(tmp_path: Path) -> None:
-    anchored = TINY_TOML.format(run_dir=tmp_path / "run").replace("noise_max = 0.3", "noise_max = 0.3\nanchor = 1.0")
+    anchored = TINY_TOML.format(out_dir=tmp_path / "run").replace("noise_max = 0.3", "noise_max = 0.3\nanchor = 1.0")
     for extra in ("", f'init_from = "{tmp_path}"\nfreeze_encoder = true\n'):
         (tmp_path / "a.toml").write_text(extra + anchored)
         with pytest.raises(ConfigError, match="'loss.anchor' holds a trained encoder near its init_from"):
-            VAETrainConfig.from_toml(tmp_path / "a.toml")
+            VAETrainConfig.from_file(tmp_path / "a.toml")
 
 
 def test_dark_prob_reaches_the_shapes_stream() -> None:
-    config = vae_training.DataConfig(dark_prob=1.0, image_size=32)
+    config = DataConfig(dark_prob=1.0, image_size=32)
     images = vae_training.load_heldout(config, 4)
     dark = (25 / 127.5) - 1  # the dark background, in [-1, 1]
     assert torch.allclose(images[:, :, 0, 0], torch.full((4, 3), dark), atol=1e-3)
+
+
+def test_the_earlier_vocabulary_fails_naming_the_new_keys(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text(f'run_dir = "{tmp_path / "run"}"\nlr = 1e-3\nbatch_size = 4\nkeep_last = 2\n')
+    with pytest.raises(ConfigError) as error:
+        VAETrainConfig.from_file(path)
+    for moved in ("'run_dir' is now 'out_dir'", "'lr' is now 'optim.lr'", "'batch_size' is now 'data.batch_size'",
+                  "'keep_last' is now 'train.keep_last'"):
+        assert moved in str(error.value)
+    assert main(["train-vae", str(path)]) == 2 and "'lr' is now 'optim.lr'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_earlier_vocabulary_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint saved before the rename holds its config in the old words: it compares as the same config."""
+    config = load(tmp_path, tmp_path / "run")
+    new = to_dict(config)
+    old = {k: v for k, v in new.items() if k not in ("out_dir", "optim", "train")}
+    old["data"] = {k: v for k, v in new["data"].items() if k != "batch_size"}
+    for key, where in RENAMED.items():
+        table, _, name = where.rpartition(".")
+        old[key] = (new[table] if table else new)[name]
+    assert resume_conflicts(old, config) == []
+    old["lr"] = 1.0
+    assert resume_conflicts(old, config) == ["optim.lr"]

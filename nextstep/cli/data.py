@@ -57,8 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_shapes(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..data.shapes import CATEGORIES, ShapesConfig, make_sample, render_image
     from ..data.webdataset import ShardWriter
+    from ..shapes.dataset import ShapesConfig, make_sample
+    from ..shapes.renderer import render_image
+    from ..shapes.world import CATEGORIES
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")

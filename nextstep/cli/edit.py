@@ -64,7 +64,7 @@ def read_source(path: Path, hw: tuple[int, int]) -> Image.Image:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.benchmark import generate_batches, generation_settings
+    from ..shapes.benchmark import generate_batches, generation_settings
 
     single = check_mode(args, args.instruction, "INSTRUCTION")
     check_positive(**{"-n": args.num_images, "--batch-size": args.batch_size})

@@ -1,4 +1,4 @@
-"""`nextstep eval shapes|edits`: the shapes-world benchmarks (logic in `nextstep.eval.benchmark`)."""
+"""`nextstep eval shapes|edits`: the shapes-world benchmarks (logic in `nextstep.shapes.benchmark`)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _check(args: argparse.Namespace, count: int) -> None:
 
 
 def _finish(report: dict, out: Path) -> int:
-    from ..eval.benchmark import format_table
+    from ..shapes.benchmark import format_table
 
     print(format_table(report))
     print(f"{report['seconds']:.1f} s; report: {out / 'report.json'}")
@@ -65,7 +65,7 @@ def _finish(report: dict, out: Path) -> int:
 
 
 def run_shapes(args: argparse.Namespace) -> int:
-    from ..eval.benchmark import run_shapes_benchmark
+    from ..shapes.benchmark import run_shapes_benchmark
 
     _check(args, args.per_category)
     pipe = load_pipeline(args)
@@ -76,7 +76,7 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 
 def run_edits(args: argparse.Namespace) -> int:
-    from ..eval.benchmark import run_edits_benchmark
+    from ..shapes.benchmark import run_edits_benchmark
 
     _check(args, args.per_kind)
     pipe = load_pipeline(args)

@@ -226,7 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.benchmark import generate_batches, generation_settings
+    from ..shapes.benchmark import generate_batches, generation_settings
 
     single = check_mode(args, args.prompt, "PROMPT")
     check_positive(**{"-n": args.num_images, "--batch-size": args.batch_size})

@@ -1,4 +1,5 @@
-"""Training data: the synthetic shapes world, loaders for real image-text and editing data, batching.
+"""Training data: loaders for real image-text and editing data, batching (the synthetic shapes world
+is `nextstep.shapes`).
 
     from nextstep.data import open_dataset, Collator, encode_images
     data = open_dataset("shards/train-{000000..000099}.tar", resolution=256)  # or a folder, or a .jsonl
@@ -13,10 +14,9 @@ See docs/data.md.
 from .batching import Collator, encode_images
 from .buckets import OFFICIAL_HW_UNITS, buckets, closest_bucket, fit_to_bucket
 from .loaders import FolderDataset, JsonlDataset, open_dataset
-from .shapes import ShapesConfig, ShapesDataset, make_sample
 from .stream import DataError, StreamDataset, is_bookkeeping
 from .webdataset import ShardDataset, ShardWriter, expand_braces
 
-__all__ = ["OFFICIAL_HW_UNITS", "Collator", "DataError", "FolderDataset", "JsonlDataset", "ShapesConfig",
-           "ShapesDataset", "ShardDataset", "ShardWriter", "StreamDataset", "buckets", "closest_bucket",
-           "encode_images", "expand_braces", "fit_to_bucket", "is_bookkeeping", "make_sample", "open_dataset"]
+__all__ = ["OFFICIAL_HW_UNITS", "Collator", "DataError", "FolderDataset", "JsonlDataset", "ShardDataset",
+           "ShardWriter", "StreamDataset", "buckets", "closest_bucket", "encode_images", "expand_braces",
+           "fit_to_bucket", "is_bookkeeping", "open_dataset"]

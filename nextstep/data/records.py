@@ -30,8 +30,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..io.images import to_pixels
 from .buckets import closest_bucket, fit_to_bucket, load_bucketed, open_image
-from .shapes import to_pixels
 from .stream import SkipSample
 
 Field = Union[bytes, Path, str]

@@ -2,8 +2,9 @@
 
 Attention runs through `F.scaled_dot_product_attention` with a boolean mask.
 A static `KVCache` is sized once per generation call; `input_pos` is a tensor
-of slot indices, so a decode step has the same shapes at every position
-(friendly to torch.compile and CUDA graphs).
+of slot indices, so a decode step has the same shapes at every position:
+`torch.compile(fullgraph=True)` captures it as one graph with no recompiles
+(tests/test_compile.py). CUDA graphs need the same static shapes, but are untested.
 """
 
 from __future__ import annotations

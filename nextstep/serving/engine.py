@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..eval.benchmark import generation_settings
 from ..pipeline import GenerationRequest, NextStepPipeline, merge_requests
+from ..shapes.benchmark import generation_settings
 from ..text import image_block, image_prefix
 
 logger = logging.getLogger("nextstep.serving")

@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, the last K kept, a damaged one skipped with a message.
 
 A checkpoint is a folder `RUN/checkpoints/step_00000100/` holding `meta.json`
-(step, scheduler, data positions, optimizer hyper-parameters, and the byte size
+(step, data positions, optimizer hyper-parameters, and the byte size
 of every other file in the folder) and the tensors, in one of two formats:
 
 - `tensors.safetensors`: model, optimizer and RNG tensors under flat names,
@@ -61,10 +61,10 @@ def unflatten_optimizer(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dic
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3) -> None:
+    def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = Path(out_dir) / "checkpoints"
         self.keep_last = keep_last
 
     def steps(self) -> list[int]:

@@ -4,6 +4,12 @@ A config file is only useful if a typo fails loudly: `lerning_rate = 1e-3`
 silently ignored would train with the default for hours. So unknown keys are
 rejected by their dotted name (`loss.l3`), missing required keys likewise,
 and each value must have its field's type (an int is accepted for a float).
+
+A file may start from another: `base = "base.toml"` (a path relative to the
+file that names it) reads that file first and merges this one's tables over
+it, key by key; any other value, a list included, replaces the base's. Bases
+may chain. The keys are checked on the merged result, so a typo in a base
+fails like one in the file itself.
 """
 
 from __future__ import annotations
@@ -25,9 +31,34 @@ from ..errors import ConfigError
 T = TypeVar("T")
 
 
+BASE_KEY = "base"
+
+
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """The TOML file at `path` as a dict; a ConfigError names the file and the problem."""
-    path = Path(path)
+    """The TOML file at `path` as a dict, merged over its `base` file (and that one's, ...) if it
+    names one; a ConfigError names the file and the problem."""
+    return _read_with_bases(Path(path), [])
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict[str, Any]:
+    data = _read_one(path)
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: {BASE_KEY!r} must be the path of another config file "
+                          f"(relative to this one), got {base!r}")
+    chain = chain + [path]
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: its base file {base_path} does not exist")
+    if any(base_path.resolve() == p.resolve() for p in chain):
+        names = " -> ".join(str(p) for p in chain + [base_path])
+        raise ConfigError(f"config files base themselves on each other in a cycle: {names}")
+    return merge(_read_with_bases(base_path, chain), data)
+
+
+def _read_one(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -35,6 +66,18 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
             return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged over `base` (neither changed): tables in both merge key by key, recursively;
+    any other value of `over` (a list too) replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def build(cls: type[T], data: Any, where: str = "") -> T:

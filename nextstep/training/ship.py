@@ -5,7 +5,9 @@ copies a finished run's export (model, tokenizer, VAE) to DEST, its
 floating-point tensors stored in `--dtype` (float32 keeps the trained weights
 exactly; bfloat16 halves the bytes, and the pipeline loads either in its own
 dtype), and writes `generation_defaults.json` (what the command line and
-`pipe(...)` use when not told otherwise) and `MODEL_CARD.md`. `--vae` ships
+`pipe(...)` use when not told otherwise) and `MODEL_CARD.md` (`--card` may be
+DEST's own card: it is read before anything is written, so reshipping a model
+keeps the card it ships with). `--vae` ships
 another VAE instead of the export's: one whose decoder was fine-tuned with
 `freeze_encoder` (same encoder, same latent scaling), which the model fits as
 it fits its own; any other VAE is refused. `--blend OTHER W` ships the weighted
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("export", type=Path, help="a finished run's export folder")
     p.add_argument("dest", type=Path, help="where the shipped model goes (e.g. nextstep/assets/shapes)")
     p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json to ship")
-    p.add_argument("--card", type=Path, required=True, help="MODEL_CARD.md to ship")
+    p.add_argument("--card", type=Path, required=True,
+                   help="MODEL_CARD.md to ship (DEST/MODEL_CARD.md, the card already shipped, is fine)")
     p.add_argument("--vae", type=Path, help="ship this VAE (the same encoder, a fine-tuned decoder) instead")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
     p.add_argument("--blend", nargs=2, metavar=("OTHER", "W"),
@@ -91,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--blend weight must be a number, got {args.blend[1]!r}")
     try:
-        size = ship(args.export, args.dest, json.loads(args.defaults.read_text()), args.card.read_text(),
-                    getattr(torch, args.dtype), args.vae, blend)
+        # Both files are read before DEST is replaced: either may be DEST's own.
+        defaults, card = json.loads(args.defaults.read_text()), args.card.read_text()
+        size = ship(args.export, args.dest, defaults, card, getattr(torch, args.dtype), args.vae, blend)
     except ValueError as e:  # models or VAEs that do not go together: one line, nothing written
         p.error(str(e))
     print(f"shipped {args.export} -> {args.dest}: {size / 2**20:.1f} MiB")

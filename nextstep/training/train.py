@@ -2,9 +2,10 @@
 
 Loss = lm_loss_weight * CE(text) + im_loss_weight * flow-matching MSE(image
 tokens), with frozen-VAE latents computed on the fly. AdamW, warm-up then a
-constant or cosine learning rate, gradient clipping and accumulation, bf16
-autocast on GPU and fp32 on CPU unless asked (`devices.training_autocast_dtype`).
-Every step appends a line to `RUN/metrics.jsonl`; checkpoints hold the model, optimizer, RNG, data
+constant or cosine learning rate, gradient clipping (`optim.py`, as for the VAE)
+and accumulation, bf16 autocast on GPU and fp32 on CPU unless asked
+(`devices.training_autocast_dtype`). Every step appends a line to
+`RUN/metrics.jsonl` (`metrics.py`); checkpoints hold the model, optimizer, RNG, data
 position and step, so `--resume` continues exactly where a run stopped (on
 the CPU the resumed losses are bit-identical to an uninterrupted run's).
 Under torchrun the model is sharded with FSDP2 (see `distributed.py`).
@@ -18,7 +19,6 @@ draw is a function of the samples, never of the rank (see `sample_latents`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
@@ -34,20 +34,23 @@ from tqdm.auto import tqdm
 
 from .. import devices
 from ..config import NextStepConfig
-from ..data import Collator, ShapesDataset, open_dataset
+from ..data import Collator
 from ..data.buckets import TOKEN_PIXELS
 from ..io import load_model
 from ..io.atomic import atomic_write
 from ..io.checkpoint import load_language_model
 from ..model import NextStep
 from ..pipeline import NextStepPipeline
+from ..shapes.tokenizer import shapes_tokenizer
 from ..text import TextTokenizer
-from ..text.train_tokenizer import shapes_tokenizer
 from ..vae import AutoencoderKL
 from . import distributed as dist
 from .blend import blend_into
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
+from .metrics import MetricsLog, refuse_to_overwrite
+from .optim import adamw, clip_gradients, set_learning_rate
+from .sources import open_source
 
 logger = logging.getLogger("nextstep.training")
 
@@ -102,15 +105,8 @@ class Batches:
 
     def __init__(self, config: TrainConfig, collator: Collator, per_rank: int, rank: int, world: int) -> None:
         self.config = config
-        self.datasets = []
-        for s in config.data.sources:
-            if s.kind == "shapes":
-                ds = ShapesDataset(size=s.size, seed=config.seed, edits=s.edits, dark_prob=s.dark_prob, rank=rank,
-                                   world_size=world)
-            else:
-                ds = open_dataset(s.path, resolution=s.resolution, task=s.task, seed=config.seed,
-                                  rank=rank, world_size=world)
-            self.datasets.append(ds)
+        self.datasets = [open_source(s, config.seed, f"data.sources[{i}]", rank=rank, world_size=world)
+                         for i, s in enumerate(config.data.sources)]
         self.weights = [s.weight for s in config.data.sources]
         self.loaders = [DataLoader(ds, batch_size=per_rank, collate_fn=collator,
                                    num_workers=config.data.num_workers) for ds in self.datasets]
@@ -137,17 +133,6 @@ class Batches:
     def load_state_dict(self, states: list[dict]) -> None:
         for ds, state in zip(self.datasets, states):
             ds.load_state_dict(state)
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then constant or cosine down to `min_lr_ratio`."""
-    o = config.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    progress = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def draw_seed(*parts: Any) -> int:
@@ -242,37 +227,17 @@ def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, 
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written after the checkpoint a resumed run starts from)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
-
-
-def tensorboard_writer(out: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("TensorBoard logging off: install nextstep[tensorboard] to enable it")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
 # ---------------------------------------------------------------------- the loop
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run one stage; returns the exported model folder (official layout)."""
     config.check(dist.requested_world_size())  # before joining the ranks or building anything
+    out = Path(config.out_dir)
+    refuse_to_overwrite(out, resume)  # before joining too: no rank has written anything yet
     env = dist.setup()
     device = env.device
-    out = Path(config.out_dir)
     ckpts = CheckpointManager(out, config.train.keep_last)
-    if not resume and ckpts.steps():
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another out_dir")
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, vae = build_parts(config, device)
@@ -289,8 +254,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                         token_pixels=token_pixels, source_image=config.data.source_image)
     batches = Batches(config, collator, per_rank, env.rank, env.world_size)
     o = config.optim
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    optimizer = adamw(trained.parameters(), o)
     lm_w, im_w = model.config.lm_loss_weight, model.config.im_loss_weight
     sample_dtype = autocast_dtype or torch.float32  # of rank 0's copy under torchrun
 
@@ -298,19 +262,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if resume:
         meta = dist.load_checkpoint(ckpts, trained, optimizer, env)
         if meta is not None:
-            scheduler.load_state_dict(meta["scheduler"])
             batches.load_state_dict(dist.data_position(meta, env))
             start = meta["step"]
             logger.info("resumed from step %d", start)
-        if env.is_main:
-            truncate_metrics(out / "metrics.jsonl", start)
-    writer = tensorboard_writer(out, config.train.tensorboard and env.is_main)
+    log = MetricsLog(out, start, config.train.tensorboard) if env.is_main else None
 
     trained.train()
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not env.is_main,
                     desc=f"{config.stage}")
     for step in progress:
         t0 = time.perf_counter()
+        lr = set_learning_rate(optimizer, o, step, config.steps)
         micro_batches = [batches.next(step, micro) for micro in range(accum)]
         counts = [loss_counts(b, tokenizer.placeholder_id, token_pixels) for b in micro_batches]
         total = dist.sum_over_ranks({k: sum(c[k] for c in counts) for k in ("lm", "im")}, env)
@@ -335,10 +297,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             (loss * env.world_size).backward()
             for k, v in (("loss", loss), ("lm_loss", lm), ("im_loss", im)):
                 sums[k] += v.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), o.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = clip_gradients(trained.parameters(), o)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
@@ -347,15 +307,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             n_samples = sum(len(b["input_ids"]) for b in micro_batches)
             record = {"step": done, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "samples_per_s": n_samples * env.world_size / (time.perf_counter() - t0)}
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, done)
+            log.write(record)
             progress.set_postfix(loss=f"{sums['loss']:.4f}", im=f"{sums['im_loss']:.4f}")
         if done % config.train.checkpoint_every == 0 or done == config.steps:
-            meta = {"scheduler": scheduler.state_dict(), "stage": config.stage}
+            meta = {"stage": config.stage}
             dist.save_checkpoint(ckpts, done, trained, optimizer, meta, batches.state_dict(), env)
         if config.train.sample_every and done % config.train.sample_every == 0:
             full = dist.full_model(trained, model, env, device, sample_dtype)  # all ranks take part
@@ -370,7 +325,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             final_model = final_model.to(device, sample_dtype)
         save_samples(final_model, vae, tokenizer, config, out / "samples" / "final.png")
         atomic_write(out / "DONE", lambda tmp: Path(tmp).write_text(f"{config.steps}\n"))
-    if writer is not None:
-        writer.close()
+    if log is not None:
+        log.close()
     dist.teardown(env)
     return export

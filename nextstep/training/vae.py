@@ -11,15 +11,20 @@ What one step does (read `train_vae` top to bottom):
    drawn once per image, gamma = `loss.noise_max`, s = the image's latent std
    (no gradient). With `encoder_norm` (the paper's
    channel-wise normalisation) s is ~1, which is the paper's formula; see
-   `perturb` for why s is there. The decoder learns to reconstruct from
+   `vae_losses.perturb` for why s is there. The decoder learns to reconstruct from
    perturbed latents, so small errors in the tokens a generator predicts decode
    to nearly the same image, and the latent distribution cannot collapse to a
    few tightly packed points;
 4. decode z' and take the losses: reconstruction `l1 * |x - x'| + mse * (x - x')^2`
    (means over pixels) plus `kl * KL`, the KL of the posterior to N(0, I) averaged
    over latent elements (so its weight does not depend on the image size);
-5. AdamW step with the gradient norm clipped, the learning rate warmed up linearly
-   and then decayed by a cosine to `min_lr_ratio * lr`.
+5. AdamW step with the gradient norm clipped and the learning rate of step s,
+   as `[optim]` says for both training loops (`optim.py`; the VAE's default
+   schedule: warm-up, then a cosine down to `min_lr_ratio * lr`).
+
+The config (`VAETrainConfig`, the model training's vocabulary) is in
+`vae_config.py`; the run folder's metrics log and data sources are opened as
+the model's training opens them (`metrics.py`, `sources.py`).
 
 `loss.anchor` (with `init_from`) adds `anchor * mean((mean - mean_0)^2)`, where
 mean_0 is the posterior mean of the init_from VAE, a frozen copy: the fine-tuned
@@ -51,7 +56,7 @@ reconstruction PSNR of the same images is printed and written to
 Run folder: `config.json` (the resolved config), `metrics.jsonl` (one line per
 step: step, loss, rec_loss, kl_loss, anchor_loss, lr, grad_norm, samples_per_s),
 `checkpoints/step_XXXXXXXX/` (model, optimizer, RNG states, data position; the
-last `keep_last`), `report.json`, `export/`. On CPU, the same config gives the
+last `train.keep_last`), `report.json`, `export/`. On CPU, the same config gives the
 same metrics bit for bit (all but the timing field `samples_per_s`, at the same
 `threads`), and a run resumed from a checkpoint continues exactly as if it had
 never stopped.
@@ -63,14 +68,11 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,171 +80,18 @@ from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_write
-from ..vae.autoencoder import AutoencoderKL, DiagonalGaussian, VAEConfig
+from ..vae.autoencoder import AutoencoderKL
 from .checkpoint import CheckpointManager, flatten_optimizer, unflatten_optimizer
-from .config_file import build, read_toml, to_dict
+from .config_file import to_dict
+from .metrics import MetricsLog, refuse_to_overwrite
+from .optim import adamw, clip_gradients, set_learning_rate
+from .sources import open_source
+from .vae_config import RESUMABLE_CHANGES, DataConfig, VAETrainConfig, resume_conflicts
+from .vae_losses import kl_loss, perturb, psnr, reconstruction_loss
 
-METRICS = "metrics.jsonl"
 REPORT = "report.json"
 EXPORT = "export"
-# Keys that may change between a run and its resume without changing the steps already taken
-# (a new `steps` stretches the cosine schedule from the resumed step on).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "heldout", "data.heldout_source",
-                     "data.heldout_seed"}
-# Fields of the VAE config the training computes itself.
-COMPUTED_VAE_KEYS = ("scaling_factor", "shift_factor")
 INIT_LOGVAR = -6.0  # a new encoder's posterior starts with std exp(-3) ~ 0.05 (see _start_nearly_deterministic)
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class DataConfig:
-    source: str = "shapes"  # "shapes", or a folder / .jsonl manifest / WebDataset shards for `open_dataset`
-    image_size: int = 64  # training images are (image_size, image_size); real images are centre-cropped
-    seed: int = 0  # shapes: the world's seed; real data: the shuffle seed
-    heldout_source: str | None = None  # required for real data: images never trained on
-    heldout_seed: int | None = None  # shapes: the held-out world's seed (default: seed + 1)
-    dark_prob: float = 0.2  # shapes: the share of images on a dark background (the world's default)
-
-    @property
-    def is_shapes(self) -> bool:
-        return self.source == "shapes"
-
-
-@dataclass
-class LossConfig:
-    l1: float = 1.0
-    mse: float = 0.0
-    kl: float = 1e-6
-    noise_max: float = 0.5  # gamma: alpha ~ U[0, gamma] per image
-    # With init_from: weight of the mean squared distance between the posterior means and those
-    # of the init_from encoder (a frozen copy). It keeps a fine-tuned encoder's latent space near
-    # the one generators were trained on, so they follow it in a short stage.
-    anchor: float = 0.0
-
-
-@dataclass
-class VAETrainConfig:
-    run_dir: str
-    vae: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields (architecture)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    init_from: str | None = None  # a VAE folder to fine-tune (its config, updated by `vae`)
-    # Train the decoder only: the encoder, and so the latent space and its shift/scale, stay
-    # exactly those of `init_from`, and every generator trained on them still fits.
-    freeze_encoder: bool = False
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-3
-    betas: tuple[float, ...] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    heldout: int = 256  # held-out images for the latent statistics and PSNR
-    seed: int = 0  # model init and all training noise
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads while training; 0 leaves torch's setting
-
-    def __post_init__(self) -> None:
-        # Built in Python rather than from TOML: accept plain dicts for the sections too.
-        if isinstance(self.data, dict):
-            self.data = build(DataConfig, self.data, "data")
-        if isinstance(self.loss, dict):
-            self.loss = build(LossConfig, self.loss, "loss")
-        positive = ("steps", "batch_size", "checkpoint_every", "keep_last", "lr")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be positive, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
-        if self.heldout < 2:
-            raise ConfigError(f"config key 'heldout' must be at least 2 (a standard deviation needs two), "
-                              f"got {self.heldout}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {list(self.betas)}")
-        for name in ("l1", "mse", "kl", "noise_max", "anchor"):
-            if getattr(self.loss, name) < 0:
-                raise ConfigError(f"config key 'loss.{name}' must be >= 0, got {getattr(self.loss, name)}")
-        if self.loss.l1 == 0 and self.loss.mse == 0:
-            raise ConfigError("config keys 'loss.l1' and 'loss.mse' are both 0: nothing would train the decoder")
-        if self.freeze_encoder and self.init_from is None:
-            raise ConfigError("config key 'freeze_encoder' needs 'init_from': a new encoder cannot stay frozen")
-        if self.loss.anchor and (self.init_from is None or self.freeze_encoder):
-            raise ConfigError("config key 'loss.anchor' holds a trained encoder near its init_from: it needs "
-                              "'init_from' and a trainable encoder (freeze_encoder = false)")
-        if not 0 <= self.data.dark_prob <= 1:
-            raise ConfigError(f"config key 'data.dark_prob' must be in [0, 1], got {self.data.dark_prob}")
-        if self.data.image_size <= 0:
-            raise ConfigError(f"config key 'data.image_size' must be positive, got {self.data.image_size}")
-        if self.data.is_shapes and self.data.heldout_source is not None:
-            raise ConfigError("config key 'data.heldout_source' is for real data; the shapes world holds out "
-                              "images by 'data.heldout_seed'")
-        if self.data.is_shapes and self.data.heldout_seed == self.data.seed:
-            raise ConfigError(f"config key 'data.heldout_seed' equals 'data.seed' ({self.data.seed}): the "
-                              "held-out images would be training images")
-        if not self.data.is_shapes and self.data.heldout_source is None:
-            raise ConfigError(f"config key 'data.heldout_source' is required with data.source = "
-                              f"{self.data.source!r}: PSNR and latent statistics need images never trained on")
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ConfigError(f"config key 'device': {e}") from None
-        self.vae_config()  # architecture problems fail here, before anything is built
-
-    def vae_config(self, base: VAEConfig | None = None) -> VAEConfig:
-        """The architecture: `base` (the `init_from` folder's config) or the defaults, updated by `vae`."""
-        bad = [k for k in COMPUTED_VAE_KEYS if k in self.vae]
-        if bad:
-            raise ConfigError(f"config keys {['vae.' + k for k in bad]} are computed at the end of training; "
-                              "remove them")
-        fields = to_dict(base) if base is not None else {}
-        fields = {k: v for k, v in fields.items() if k not in COMPUTED_VAE_KEYS}
-        fields.setdefault("resolution", self.data.image_size)
-        cfg = build(VAEConfig, {**fields, **self.vae}, "vae")
-        problems = []
-        if cfg.in_channels != 3 or cfg.out_ch != 3:
-            problems.append(f"in_channels and out_ch must be 3 (RGB), got {cfg.in_channels} and {cfg.out_ch}")
-        widths = sorted({cfg.ch} | {cfg.ch * m for m in cfg.ch_mult})
-        if not cfg.ch_mult or any(w <= 0 or w % 32 for w in widths):
-            problems.append(f"ch * every ch_mult (and ch) must be a positive multiple of 32, the GroupNorm "
-                            f"group count; ch={cfg.ch}, ch_mult={list(cfg.ch_mult)} give {widths}")
-        if cfg.z_channels <= 0 or cfg.num_res_blocks <= 0:
-            problems.append(f"z_channels and num_res_blocks must be positive, got {cfg.z_channels} and "
-                            f"{cfg.num_res_blocks}")
-        patch = 2 ** (len(cfg.ch_mult) - 1) * ((cfg.psz or 1) if cfg.encoder_norm else 1)
-        if cfg.ch_mult and self.data.image_size % patch:
-            problems.append(f"data.image_size {self.data.image_size} must be a multiple of {patch} "
-                            f"(the down factor {2 ** (len(cfg.ch_mult) - 1)} times psz {cfg.psz})")
-        if problems:
-            raise ConfigError("bad VAE architecture in [vae]: " + "; ".join(problems))
-        return cfg
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> VAETrainConfig:
-        """Read a config file; unknown keys, wrong types and bad values raise ConfigError naming the key."""
-        data = read_toml(path)
-        try:
-            return build(cls, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-
-def lr_at(config: VAETrainConfig, step: int) -> float:
-    """Learning rate of step `step` (0-based): linear warm-up, then cosine down to min_lr_ratio * lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # --------------------------------------------------------------------------- data
@@ -263,24 +112,6 @@ def _fit_square(pixels: Tensor, size: int) -> Tensor:
         square = F.interpolate(square[None], size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False)[0].clamp(-1, 1)
     return square.contiguous()
-
-
-def _open_source(source: str, config: DataConfig, seed: int, what: str, shuffle: bool):
-    """A StreamDataset for `source`; a missing or unusable source is a ConfigError naming `what`."""
-    from ..data import ShapesDataset, open_dataset
-
-    if source == "shapes":
-        try:
-            return ShapesDataset(size=config.image_size, seed=seed, dark_prob=config.dark_prob)
-        except ValueError as e:
-            raise ConfigError(f"config key 'data.image_size': {e}") from None
-    local = "://" not in source and "{" not in source
-    if local and not Path(source).exists():
-        raise ConfigError(f"config key {what!r}: {source} does not exist")
-    try:
-        return open_dataset(source, resolution=config.image_size, seed=seed, shuffle=shuffle)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config key {what!r}: cannot open {source}: {e}") from None
 
 
 def _samples(dataset) -> Iterator[Tensor]:
@@ -311,7 +142,8 @@ def _batches(dataset, batch_size: int, size: int) -> Iterator[Tensor]:
 def load_heldout(config: DataConfig, n: int) -> Tensor:
     """The first `n` held-out images, (n, 3, S, S) in [-1, 1] (fewer if the source has fewer)."""
     seed = config.seed + 1 if config.heldout_seed is None else config.heldout_seed
-    dataset = _open_source(config.heldout_source or "shapes", config, seed, "data.heldout_source", shuffle=False)
+    dataset = open_source(config.as_source(config.heldout_source or "shapes"), seed, "data.heldout_source",
+                          shuffle=False)
     images = []
     for sample in dataset:  # one epoch at most: real sources end, the shapes stream does not
         if "pixels" in sample:
@@ -324,76 +156,7 @@ def load_heldout(config: DataConfig, n: int) -> Tensor:
     return torch.stack(images)
 
 
-# --------------------------------------------------------------------------- one step's pieces
-
-
-def perturb(z: Tensor, noise_max: float, generator: torch.Generator) -> Tensor:
-    """The noise regularisation: z + alpha * s * eps, alpha ~ U[0, noise_max] per image, eps ~ N(0, I).
-
-    s is the image's own latent standard deviation (not differentiated). With
-    `encoder_norm` s is ~1 and this is the paper's z + alpha * eps; without it,
-    measuring the noise against the latents' scale keeps the encoder from
-    escaping the regulariser by simply making its latents larger. Both draws
-    come from `generator` on the CPU (like `DiagonalGaussian.sample`), so a seed
-    gives the same noise on every device.
-    """
-    shape = (z.shape[0],) + (1,) * (z.dim() - 1)
-    alpha = torch.rand(shape, generator=generator) * noise_max
-    eps = torch.randn(z.shape, generator=generator)
-    scale = z.detach().flatten(1).std(dim=1).reshape(shape)
-    return z + scale * (alpha * eps).to(z.device, z.dtype)
-
-
-def kl_loss(posterior: DiagonalGaussian) -> Tensor:
-    """KL(N(mean, var) || N(0, I)) per latent element, averaged over all elements."""
-    logvar = posterior.logvar
-    return 0.5 * (posterior.mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-
-
-def reconstruction_loss(x_rec: Tensor, x: Tensor, loss: LossConfig) -> Tensor:
-    diff = x_rec - x
-    out = diff.new_zeros(())
-    if loss.l1:
-        out = out + loss.l1 * diff.abs().mean()
-    if loss.mse:
-        out = out + loss.mse * diff.pow(2).mean()
-    return out
-
-
-def psnr(x_rec: Tensor, x: Tensor) -> Tensor:
-    """Per-image PSNR in dB of pixels in [-1, 1] (the reconstruction clamped to that range), peak = full range."""
-    mse = ((x_rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)  # in [0, 1] pixel units
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 # --------------------------------------------------------------------------- run folder
-
-
-def _read_metrics(path: Path, upto: int) -> list[str]:
-    """Lines of metrics.jsonl with step <= `upto` (a torn last line from a kill is dropped)."""
-    if not path.is_file():
-        return []
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if step <= upto:
-            keep.append(line + "\n")
-    return keep
-
-
-def _config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(saved) | set(now)):
-        name = f"{prefix}{key}"
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "vae":
-            changed += _config_changes(a, b, name + ".")
-        elif a != b and name not in RESUMABLE_CHANGES:
-            changed.append(name)
-    return changed
 
 
 @contextlib.contextmanager
@@ -431,32 +194,29 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train the VAE of `config`; returns the exported folder `RUN/export`.
 
-    With `resume`, continue from the newest readable checkpoint of `run_dir`
+    With `resume`, continue from the newest readable checkpoint of `out_dir`
     (or start afresh if there is none). `on_step(step, metrics)` is called after
     each step (and its checkpoint, if any). Everything that can be checked is
     checked before the model is built.
     """
     from tqdm.auto import tqdm
 
-    run = Path(config.run_dir)
-    ckpts = CheckpointManager(run, config.keep_last)
-    metrics_path = run / METRICS
-    if not resume and (ckpts.steps() or metrics_path.exists()):
-        raise ConfigError(f"run folder {run} already holds a run (checkpoints or {METRICS}); "
-                          "resume it (--resume) or choose another run_dir")
+    run = Path(config.out_dir)
+    refuse_to_overwrite(run, resume)
+    ckpts = CheckpointManager(run, config.train.keep_last)
     if config.init_from is not None and not Path(config.init_from).is_dir():
         raise ConfigError(f"config key 'init_from': VAE folder {config.init_from} does not exist")
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' is {config.device!r} but CUDA is not available")
-    data = _open_source(config.data.source, config.data, config.data.seed, "data.source", shuffle=True)
+    data = open_source(config.data.as_source(config.data.source), config.data.seed, "data.source")
     heldout = load_heldout(config.data, config.heldout)
     loaded = ckpts.load_latest() if resume else None
     step = 0
     if loaded is not None:
         tensors, meta = loaded
         step = int(meta["step"])
-        changed = _config_changes(meta["config"], to_dict(config))
+        changed = resume_conflicts(meta["config"], config)
         if changed:
             raise ConfigError(f"cannot resume {run}: the config changed since its checkpoint in {changed} "
                               f"(only {sorted(RESUMABLE_CHANGES)} may change)")
@@ -488,8 +248,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
         if config.freeze_encoder:
             model.encoder.requires_grad_(False).eval()
         trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=tuple(config.betas),
-                                      weight_decay=config.weight_decay)
+        optimizer = adamw(trained, config.optim)
         generator = torch.Generator().manual_seed(config.seed)  # every random draw of the loop
         if loaded is not None:
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -502,20 +261,13 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
         run.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(to_dict(config), indent=1) + "\n"
         atomic_write(run / "config.json", lambda tmp: Path(tmp).write_text(config_text))
-        # Steps after the checkpoint are done again: drop their lines, so the file reads as one run.
-        kept = "".join(_read_metrics(metrics_path, step))
-        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(kept))
-
-        batches = _batches(data, config.batch_size, config.data.image_size)
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        with open(metrics_path, "a") as log, tqdm(total=config.steps, initial=step, desc="train-vae", unit="step",
-                                                  disable=not progress, mininterval=2.0) as bar:
+        batches = _batches(data, config.data.batch_size, config.data.image_size)
+        with MetricsLog(run, step) as log, tqdm(total=config.steps, initial=step, desc="train-vae", unit="step",
+                                                disable=not progress, mininterval=2.0) as bar:
             while step < config.steps:
                 start = time.perf_counter()
                 x = next(batches).to(device)
-                lr = lr_at(config, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_learning_rate(optimizer, config.optim, step, config.steps)
 
                 posterior = model.encode(x)  # a frozen encoder's parameters need no grad: no graph is kept
                 z = posterior.sample(generator)
@@ -533,21 +285,20 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
+                grad_norm = clip_gradients(trained, config.optim)
                 optimizer.step()
                 step += 1
 
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower 'lr' or "
-                                             "raise 'warmup_steps' and resume from the last checkpoint")
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower 'optim.lr' or "
+                                             "raise 'optim.warmup_steps' and resume from the last checkpoint")
                 line = {"step": step, "loss": loss.item(), "rec_loss": rec.item(), "kl_loss": kl.item(),
                         "anchor_loss": drift.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                        "samples_per_s": config.batch_size / (time.perf_counter() - start)}
-                log.write(json.dumps(line) + "\n")
-                log.flush()
+                        "samples_per_s": config.data.batch_size / (time.perf_counter() - start)}
+                log.write(line)
                 bar.update(1)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if step % config.checkpoint_every == 0 or step == config.steps:
+                if step % config.train.checkpoint_every == 0 or step == config.steps:
                     _save(ckpts, step, model, optimizer, generator, data, config)
                 if on_step is not None:
                     on_step(step, line)
@@ -593,7 +344,7 @@ def latent_means(model: AutoencoderKL, images: Tensor, batch_size: int) -> Tenso
 def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: Path, step: int) -> Path:
     """Latent normalisation and PSNR on the held-out images, report.json, export."""
     model.eval()
-    means = latent_means(model, heldout, config.batch_size).double()
+    means = latent_means(model, heldout, config.data.batch_size).double()
     if not config.freeze_encoder:  # frozen: the base's latent space, bit for bit (generators trained on it fit)
         model.config = dataclasses.replace(model.config, shift_factor=means.mean().item(),
                                            scaling_factor=1.0 / means.std().item())
@@ -603,8 +354,8 @@ def _finish(model: AutoencoderKL, heldout: Tensor, config: VAETrainConfig, run: 
     generator = torch.Generator().manual_seed(config.seed)
     psnr_mode, psnr_sample, scaled, stds = [], [], [], []
     with torch.no_grad():
-        for i in range(0, len(heldout), config.batch_size):
-            x = heldout[i:i + config.batch_size].to(device)
+        for i in range(0, len(heldout), config.data.batch_size):
+            x = heldout[i:i + config.data.batch_size].to(device)
             posterior = model.encode(x)
             psnr_mode.append(psnr(model.decode(posterior.mode()).float().cpu(), x.cpu()))
             z = posterior.sample(generator)

@@ -8,9 +8,10 @@ nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
 nextstep train recipes/shapes                     # stages 1-16 in order; stops before the DPO stage
-# ship stage 16 (on the dark-trained VAE, which its export carries)
+# ship stage 16 (on the dark-trained VAE, which its export carries), keeping the model card that
+# ships with it (the only copy in the repository; update its scores after the evaluations below)
 python -m nextstep.training.ship runs/shapes/16-long-cycle/export nextstep/assets/shapes \
-    --defaults recipes/shapes/generation_defaults.json --card recipes/shapes/MODEL_CARD.md
+    --defaults recipes/shapes/generation_defaults.json --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
 echo "built in $(( ($(date +%s) - start) / 60 )) minutes"

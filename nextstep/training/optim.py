@@ -1,0 +1,71 @@
+"""What an `[optim]` table means, for both training loops (`train.py` and `vae.py`).
+
+AdamW with the table's `lr`, `betas` and `weight_decay`. The learning rate of
+step s (0-based) rises linearly over the first `warmup_steps` steps, then stays
+at `lr` (`schedule = "constant"`) or falls along a cosine to `min_lr_ratio * lr`
+at the last step (`"cosine"`). It is a function of the step alone, set before
+each optimizer step, so a resumed run needs nothing saved to continue it. The
+gradients' total norm is clipped to `grad_clip` (0: not clipped). `grad_accum`
+micro-batches make one step (the model's loop; the VAE's takes 1 only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .config import OptimSection
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(step: int, optim: OptimSection, steps: int) -> float:
+    """The learning rate of step `step` (0-based) of a run of `steps` steps."""
+    if step < optim.warmup_steps:
+        factor = (step + 1) / optim.warmup_steps
+    elif optim.schedule == "constant":
+        factor = 1.0
+    else:
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps))
+        factor = optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    # lr times the factor, as torch's LambdaLR computed it for earlier model runs (bit for bit).
+    return optim.lr * factor
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, optim: OptimSection, step: int, steps: int) -> float:
+    """Give every parameter group step `step`'s learning rate; returns it."""
+    lr = learning_rate(step, optim, steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def adamw(params: Iterable[torch.nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def clip_gradients(params: Iterable[torch.nn.Parameter], optim: OptimSection) -> Tensor:
+    """Clip the gradients' total norm to `grad_clip` (0: leave them); returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
+
+
+def optim_problems(optim: OptimSection) -> list[str]:
+    """What is wrong with an [optim] table, one 'optim.KEY=VALUE (why)' item per problem."""
+    o, problems = optim, []
+    if not o.lr > 0:
+        problems.append(f"optim.lr={o.lr} (must be > 0)")
+    if o.schedule not in SCHEDULES:
+        problems.append(f"optim.schedule={o.schedule!r} (constant or cosine)")
+    for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        if not getattr(o, name) >= 0:
+            problems.append(f"optim.{name}={getattr(o, name)} (must be >= 0)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} (must be in [0, 1])")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        problems.append(f"optim.betas={list(o.betas)} (two numbers in [0, 1))")
+    if o.grad_accum < 1:
+        problems.append(f"optim.grad_accum={o.grad_accum} (must be >= 1)")
+    return problems
