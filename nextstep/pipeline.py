@@ -150,6 +150,8 @@ class NextStepPipeline(RequestBuilder):
         its `initial_seed()`, not its state). `image` makes it an edit: one image serves every
         prompt or there is one per prompt, and the size defaults to the source image's."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if image is None and image_guidance_scale not in (None, 1):
+            raise ValueError("image_guidance_scale guides by a source image: pass image= (editing)")
         images = None
         if image is not None:
             images = [image] if isinstance(image, Image.Image) else list(image)

@@ -141,3 +141,12 @@ def read_generation_defaults(model_dir: str | Path) -> tuple[dict[str, Any], dic
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return settings, load
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"S" or "WIDTHxHEIGHT" in pixels (OpenAI's order, e.g. "384x256" is 384 wide) -> (height, width)."""
+    parts = text.strip().lower().split("x")
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"size must look like 256 or 384x256 (WIDTHxHEIGHT), got {text!r}")
+    w, h = int(parts[0]), int(parts[-1])
+    return h, w

@@ -52,11 +52,14 @@ def test_prompt_tokens(pipe, cases10, expected10, name):
     args = dict(cases10[name]["args"])
     images = [edit_image(expected10)] if args["images"] else None
     captions = [args["captions"]] if isinstance(args["captions"], str) else args["captions"]
-    rows, _, _ = pipe.prompt_rows(captions, images, args["num_images_per_caption"], args["positive_prompt"],
-                                  args["negative_prompt"], args["cfg"], args["cfg_img"])
+    settings = pipe.settings.with_overrides(positive_prompt=args["positive_prompt"],
+                                            negative_prompt=args["negative_prompt"], cfg=args["cfg"],
+                                            cfg_img=args["cfg_img"])
+    rows, _, _ = pipe.prompt_rows(captions, images, args["num_images_per_caption"], settings)
     assert rows == cases10[name]["built_caption_strings"]
-    request = pipe.prepare(args["captions"], images, args["num_images_per_caption"], args["positive_prompt"],
-                           args["negative_prompt"], tuple(args["hw"]), cfg=args["cfg"], cfg_img=args["cfg_img"])
+    request = pipe.official_request(args["captions"], images, args["num_images_per_caption"], args["positive_prompt"],
+                                    args["negative_prompt"], tuple(args["hw"]), cfg=args["cfg"],
+                                    cfg_img=args["cfg_img"])
     assert torch.equal(request.input_ids, expected10[f"{name}/input_ids"])
     assert torch.equal(request.attention_mask, expected10[f"{name}/attention_mask"])
 
@@ -169,7 +172,7 @@ def test_end_to_end(pipe, cases10, expected10, name):
     e = {k.split("/", 1)[1]: v for k, v in expected10.items() if k.startswith(name + "/")}
     atol = e2e_tolerance(name, args["cfg"])
 
-    request = pipe.prepare(**args)
+    request = pipe.official_request(**args)
     assert torch.equal(request.input_ids, e["input_ids"])
     assert torch.equal(request.attention_mask, e["attention_mask"])
     if "input_latents" in e:
@@ -180,7 +183,7 @@ def test_end_to_end(pipe, cases10, expected10, name):
         # reference's numbers by handing the loop the reference's rows of the table.
         pipe.model.config.use_gen_pos_embed = True
         try:
-            ours = pipe.prepare(**args).pos_embed
+            ours = pipe.official_request(**args).pos_embed
         finally:
             pipe.model.config.use_gen_pos_embed = False
         table = pipe.model.gen_pos_embed[0]

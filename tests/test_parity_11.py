@@ -15,7 +15,7 @@ from PIL import Image
 
 from nextstep import NextStepPipeline
 from nextstep.model.flow_head import timestep_frequencies
-from nextstep.pipeline import guidance_schedule
+from nextstep.sampling.requests import guidance_schedule
 from nextstep.sampling import FlowSampler, guide
 
 from .conftest import assert_close
@@ -41,11 +41,12 @@ def test_family_comes_from_the_checkpoint(pipe):
 @pytest.mark.parametrize("name", ["tokenize_3cap_cfg3", "tokenize_3cap_cfg3_noneg", "tokenize_3cap_cfg1"])
 def test_tokenize(pipe, cases11, expected11, name):
     a = cases11[name]["inputs"]
-    rows, _, _ = pipe.prompt_rows(a["captions"], None, a["num_images_per_caption"], a["positive_prompt"],
-                                  a["negative_prompt"], a["cfg"], a["cfg_img"])
+    settings = pipe.settings.with_overrides(positive_prompt=a["positive_prompt"], negative_prompt=a["negative_prompt"],
+                                            cfg=a["cfg"], cfg_img=a["cfg_img"])
+    rows, _, _ = pipe.prompt_rows(a["captions"], None, a["num_images_per_caption"], settings)
     assert rows == cases11[name]["built_captions"]
-    request = pipe.prepare(a["captions"], None, a["num_images_per_caption"], a["positive_prompt"],
-                           a["negative_prompt"], tuple(a["hw"]), cfg=a["cfg"], cfg_img=a["cfg_img"])
+    request = pipe.official_request(a["captions"], None, a["num_images_per_caption"], a["positive_prompt"],
+                                    a["negative_prompt"], tuple(a["hw"]), cfg=a["cfg"], cfg_img=a["cfg_img"])
     e = tensors(expected11, name)
     assert torch.equal(request.input_ids, e["input_ids"])
     assert torch.equal(request.attention_mask, e["attention_mask"])
@@ -138,7 +139,7 @@ def test_end_to_end(pipe, ref11, cases11, expected11, name):
     a["hw"] = tuple(a["hw"])
     e = tensors(expected11, name)
 
-    request = pipe.prepare(**a)
+    request = pipe.official_request(**a)
     assert torch.equal(request.input_ids, e["prefill_input_ids"])
     assert torch.equal(request.attention_mask, e["prefill_attention_mask"])
     n_tokens = request.grid[0] * request.grid[1]

@@ -406,7 +406,5 @@ def test_the_core_packages_do_not_import_the_shapes_world():
     assert _shapes_modules_after_importing(*CORE_PACKAGES) == []
 
 
-@pytest.mark.xfail(strict=True, reason="serving/engine.py still takes generation_settings from "
-                   "nextstep.shapes.benchmark; drop this mark once it no longer does")
 def test_serving_does_not_import_the_shapes_world():
     assert _shapes_modules_after_importing("nextstep.serving", "nextstep.pipeline") == []

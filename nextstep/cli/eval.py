@@ -5,21 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .generate import add_model_args, check_positive, load_pipeline, model_label
+from .common import add_model_args, add_seed_arg, add_settings_args, check_positive, load_pipeline, model_label
+from .common import settings_from_args
 
 
-def _common(p: argparse.ArgumentParser, out: str, unit: str) -> None:
+def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None:
     add_model_args(p)
     p.add_argument("-n", "--num-images", type=int, default=4, help=f"images per {unit} (default 4)")
     p.add_argument("--out", type=Path, default=Path(out),
                    help=f"report folder, created if missing (default {out}): report.json and one grid per "
                         "category, each image framed green (passed) or red (failed)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the fixed prompt set and of generation (default 0)")
-    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="flow sampling steps per token (default: the model's)")
-    p.add_argument("--size", type=int, default=None, help="canvas side in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
+    add_seed_arg(p, None, f"seed of the fixed {unit} set; each {unit} also gets its own generation seed "
+                          f"from it (default: the benchmark's standard set)")
+    p.add_argument("--batch-size", type=int, default=16, help=f"{unit}s per model call (default 16)")
+    add_settings_args(p, edit=edit)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the shapes checker, print the pass rate per category and overall (the mean over "
                     "categories), and write OUT/report.json and OUT/<category>.png.")
     s.add_argument("--per-category", type=int, default=40, metavar="N", help="prompts per category (default 40)")
-    _common(s, "eval/shapes", "prompt")
+    _common(s, "eval/shapes", "prompt", edit=False)
     s.set_defaults(run=run_shapes)
     e = bench.add_parser(
         "edits", help="editing: four edit kinds, judged by the shapes checker",
@@ -43,14 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(each row: the source, then its edits).")
     e.add_argument("--per-kind", "--per-category", dest="per_kind", type=int, default=40, metavar="N",
                    help="cases per edit kind (default 40)")
-    _common(e, "eval/edits", "case")
-    e.add_argument("--cfg-img", type=float, default=None, help="image guidance scale (default: the model's)")
+    _common(e, "eval/edits", "case", edit=True)
     e.set_defaults(run=run_edits)
 
 
 def _check(args: argparse.Namespace, count: int) -> None:
     check_positive(**{"N": count, "-n": args.num_images, "--batch-size": args.batch_size})
-    if args.seed < 0:
+    if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
@@ -69,8 +67,8 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     _check(args, args.per_category)
     pipe = load_pipeline(args)
-    report = run_shapes_benchmark(pipe, args.per_category, args.num_images, args.seed, cfg=args.cfg,
-                                  steps=args.steps, size=args.size, batch_size=args.batch_size, out=args.out,
+    report = run_shapes_benchmark(pipe, args.per_category, args.num_images, args.seed,
+                                  settings=settings_from_args(pipe, args), batch_size=args.batch_size, out=args.out,
                                   model=model_label(args), progress=True)
     return _finish(report, args.out)
 
@@ -80,7 +78,7 @@ def run_edits(args: argparse.Namespace) -> int:
 
     _check(args, args.per_kind)
     pipe = load_pipeline(args)
-    report = run_edits_benchmark(pipe, args.per_kind, args.num_images, args.seed, cfg=args.cfg,
-                                 cfg_img=args.cfg_img, steps=args.steps, size=args.size,
-                                 batch_size=args.batch_size, out=args.out, model=model_label(args), progress=True)
+    report = run_edits_benchmark(pipe, args.per_kind, args.num_images, args.seed,
+                                 settings=settings_from_args(pipe, args), batch_size=args.batch_size, out=args.out,
+                                 model=model_label(args), progress=True)
     return _finish(report, args.out)

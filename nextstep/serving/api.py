@@ -1,8 +1,8 @@
 """The HTTP API: OpenAI's Images API shape, served by FastAPI.
 
-    POST /v1/images/generations   JSON: prompt, n, size "HxW"-style "64x64", response_format "b64_json",
-                                  and our extras seed, cfg, steps, negative_prompt
-    POST /v1/images/edits         multipart: image (file), prompt, the same options, and cfg_img
+    POST /v1/images/generations   JSON: prompt, n, size "WxH" (e.g. "64x64"), response_format "b64_json",
+                                  and our extras: seed and the generation settings (see GenerationBody)
+    POST /v1/images/edits         multipart: image (file), prompt, the same options, cfg_img and source_image
     GET  /health                  liveness and queue figures (never needs the API key)
     GET  /                        the web page
 
@@ -31,7 +31,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import SEED_MODULUS, Engine, QueueFull, Settings
+from ..settings import SEED_MODULUS, GenerationSettings, parse_size
+from .engine import Engine, QueueFull
 
 
 @dataclass
@@ -58,18 +59,31 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 class GenerationBody(BaseModel):
-    """POST /v1/images/generations. Unknown fields are ignored, as OpenAI's clients send a few."""
+    """POST /v1/images/generations. Unknown fields are ignored, as OpenAI's clients send a few.
+    Unset settings are the model's (`GenerationSettings`); `steps` is `num_sampling_steps`."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str
     n: int = 1
-    size: str | None = Field(None, description='"HxW" in pixels, e.g. "64x64"; default: the model\'s size')
+    size: str | None = Field(None, description='"WxH" in pixels, e.g. "64x64"; default: the model\'s size')
     response_format: Literal["b64_json"] | None = "b64_json"
     model: str | None = None
     seed: int | None = Field(None, description="image k of the request uses seed + k; default: random")
-    cfg: float | None = Field(None, description="text guidance scale (>= 1); default: the model's")
-    steps: int | None = Field(None, description="flow sampling steps per token; default: the model's")
+    cfg: float | None = Field(None, description="text guidance scale (>= 1)")
+    steps: int | None = Field(None, description="flow sampling steps per token")
     negative_prompt: str | None = None
+    positive_prompt: str | None = None
+    cfg_schedule: Literal["constant", "linear"] | None = None
+    timesteps_shift: float | None = None
+    sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = None
+    noise_level: float | None = None
+    use_norm: bool | None = None
+    context_noise_std: float | None = None
+
+
+# The generation settings a JSON body may set by name (besides `steps` and `size`).
+SETTING_EXTRAS = {"cfg", "negative_prompt", "positive_prompt", "cfg_schedule", "timesteps_shift", "sampler",
+                  "noise_level", "use_norm", "context_noise_std"}
 
 
 class BodyLimit:
@@ -124,7 +138,6 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
     limits = limits or Limits()
     app = FastAPI(title="nextstep", version="1", description=__doc__)
     pipe = engine.pipe
-    defaults = pipe.generation_defaults
     token_px = pipe.down_factor
     max_side = limits.max_side or largest_side(engine)
 
@@ -155,20 +168,25 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return await call_next(request)
 
     # ---------------------------------------------------------------- checks
-    def parse_size(size: str | None) -> tuple[int, int]:
+    def size_of(size: str | None) -> tuple[int, int]:
         if size is None or size == "auto":
-            h, w = pipe.default_size
-            return h, w
-        parts = size.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise APIError(400, f"size must look like '64x64', got {size!r}", "size")
-        w, h = int(parts[0]), int(parts[1])  # OpenAI writes WIDTHxHEIGHT
+            return pipe.default_size
+        try:
+            h, w = parse_size(size)
+        except ValueError as e:
+            raise APIError(400, str(e), "size") from None
         for side in (w, h):
             if side < token_px or side % token_px:
                 raise APIError(400, f"size {size}: each side must be a positive multiple of {token_px}", "size")
             if side > max_side:
                 raise APIError(400, f"size {size}: each side can be at most {max_side}", "size")
         return h, w
+
+    def settings_for(size: str | None, steps: int | None, **given: Any) -> GenerationSettings:
+        try:
+            return pipe.settings.with_overrides(hw=size_of(size), num_sampling_steps=steps, **given)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     def check_common(prompt: str, n: int, negative_prompt: str | None, cfg: float | None, steps: int | None,
                      seed: int | None) -> None:
@@ -187,13 +205,15 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         if seed is not None and not 0 <= seed < SEED_MODULUS:
             raise APIError(400, f"seed must be between 0 and {SEED_MODULUS - 1}, got {seed}", "seed")
 
-    async def run(prompt: str, n: int, seed: int | None, settings: Settings,
+    async def run(prompt: str, n: int, seed: int | None, settings: GenerationSettings,
                   image: Image.Image | None = None) -> dict[str, Any]:
         seed = secrets.randbelow(SEED_MODULUS) if seed is None else seed
         seeds = [(seed + k) % SEED_MODULUS for k in range(n)]
         retry = {"Retry-After": str(limits.retry_after_s)}
         try:
             futures = engine.submit(prompt, seeds, settings, image)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e}); retry shortly", kind="server_error",
                            code="queue_full", headers=retry) from None
@@ -225,11 +245,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
     @app.post("/v1/images/generations")
     async def generations(body: GenerationBody) -> dict[str, Any]:
         check_common(body.prompt, body.n, body.negative_prompt, body.cfg, body.steps, body.seed)
-        h, w = parse_size(body.size)
-        settings = Settings(h, w, body.steps or defaults["num_sampling_steps"],
-                            float(defaults["cfg"] if body.cfg is None else body.cfg), 1.0,
-                            body.negative_prompt or "", edit=False)
-        return await run(body.prompt, body.n, body.seed, settings)
+        extras = body.model_dump(include=SETTING_EXTRAS)
+        return await run(body.prompt, body.n, body.seed, settings_for(body.size, body.steps, **extras))
 
     @app.post("/v1/images/edits")
     async def edits(
@@ -244,16 +261,25 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         cfg_img: float | None = Form(None, description="image guidance scale (>= 1)"),
         steps: int | None = Form(None),
         negative_prompt: str | None = Form(None),
+        positive_prompt: str | None = Form(None),
+        cfg_schedule: Literal["constant", "linear"] | None = Form(None),
+        timesteps_shift: float | None = Form(None),
+        sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = Form(None),
+        noise_level: float | None = Form(None),
+        use_norm: bool | None = Form(None),
+        context_noise_std: float | None = Form(None),
+        source_image: Literal["first", "last"] | None = Form(None, description="where the instruction "
+                                                                               "sees the source image"),
     ) -> dict[str, Any]:
         check_common(prompt, n, negative_prompt, cfg, steps, seed)
         if cfg_img is not None and not 1 <= cfg_img <= 50:
             raise APIError(400, f"cfg_img must be between 1 and 50, got {cfg_img}", "cfg_img")
-        h, w = parse_size(size)
-        source = read_image(await image.read()).resize((w, h), Image.Resampling.BICUBIC)
-        settings = Settings(h, w, steps or defaults["num_sampling_steps"],
-                            float(defaults["cfg"] if cfg is None else cfg),
-                            float(defaults["cfg_img"] if cfg_img is None else cfg_img),
-                            negative_prompt or "", edit=True)
+        settings = settings_for(size, steps, cfg=cfg, cfg_img=cfg_img, negative_prompt=negative_prompt,
+                                positive_prompt=positive_prompt, cfg_schedule=cfg_schedule,
+                                timesteps_shift=timesteps_shift, sampler=sampler, noise_level=noise_level,
+                                use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image)
+        h, w = settings.hw
+        source = (await asyncio.to_thread(read_image, await image.read())).resize((w, h), Image.Resampling.BICUBIC)
         return await run(prompt, n, seed, settings, source)
 
     return app
@@ -265,9 +291,7 @@ def largest_side(engine: Engine) -> int:
     pipe, f = engine.pipe, engine.pipe.down_factor
     side = 2 * max(pipe.default_size)
     while side > f:
-        tokens = (side // f) ** 2
-        if engine.prompt_length(Settings(side, side, 2, 1.0, 1.0, "", edit=True)) + tokens <= \
-                pipe.model.config.max_position_embeddings:
+        if engine.longest_prompt((side, side), edit=True) + (side // f) ** 2 <= pipe.model.config.max_position_embeddings:
             break
         side -= f
     return side

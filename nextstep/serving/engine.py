@@ -2,17 +2,18 @@
 
 Every image a caller asks for becomes one job: (prompt, seed, settings, source
 image). Jobs wait in a bounded queue; a worker thread takes the oldest job,
-waits a short gathering window for more jobs with the same settings, and runs
-them as one batched generation.
+waits a short gathering window for more jobs it can share a call with (same
+settings, same kind, same prompt length: no job is padded for another), and
+runs them as one batched generation.
 
 Every model call has exactly `slots` images: empty slots are filled with
 copies of the first job, whose results are dropped. With the shapes fixed,
 each row's arithmetic does not depend on the other rows (checked in the
 tests), so an image depends only on its own prompt, settings and seed, never
-on what shared its call or where in the batch it sat. Image k of a request
-with seed s is the image of seed s + k, so `n=4` gives the same four images
-as four requests of one image each. The price is that a lone request pays for
-a full call; `slots` trades latency when idle against throughput under load.
+on what shared its call or where in the batch it sat: it is the image
+`pipe(...)` and the CLI give. Image k of a request with seed s is the image of
+seed s + k. The price is that a lone request pays for a full call; `slots`
+trades latency when idle against throughput under load.
 """
 
 from __future__ import annotations
@@ -25,38 +26,25 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..pipeline import GenerationRequest, NextStepPipeline, merge_requests
-from ..shapes.benchmark import generation_settings
+from ..pipeline import NextStepPipeline
+from ..sampling.requests import GenerationRequest, merge_requests
+from ..settings import SEED_MODULUS, GenerationSettings
 from ..text import image_block, image_prefix
 
 logger = logging.getLogger("nextstep.serving")
-
-SEED_MODULUS = 2**32  # seeds are 32-bit; image k of seed s uses (s + k) mod 2**32
 
 
 class QueueFull(Exception):
     """The queue holds `max_queue` images already; the caller should retry later."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What jobs must share to run in one model call."""
-
-    height: int
-    width: int
-    steps: int
-    cfg: float
-    cfg_img: float  # 1.0 for text-to-image
-    negative_prompt: str
-    edit: bool
-
-
 @dataclass(eq=False)
 class Job:
-    prompt: str
+    prompt: str  # an edit's with its <image> slot
     seed: int
-    settings: Settings
-    image: Image.Image | None = None
+    settings: GenerationSettings
+    image: Image.Image | None
+    key: tuple  # what jobs must share to run in one model call: settings, edit or not, prompt length
     future: Future = field(default_factory=Future)
 
 
@@ -79,11 +67,15 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ callers
-    def submit(self, prompt: str, seeds: list[int], settings: Settings,
+    def submit(self, prompt: str, seeds: list[int], settings: GenerationSettings,
                image: Image.Image | None = None) -> list[Future]:
-        """Queue one job per seed; returns their futures (each resolves to a PIL image).
-        Raises QueueFull when they do not fit."""
-        jobs = [Job(prompt, s % SEED_MODULUS, settings, image) for s in seeds]
+        """Queue one job per seed; returns their futures (each resolves to a PIL image). With
+        `image` it is an edit. Raises QueueFull when they do not fit, ValueError for bad input."""
+        if image is not None:
+            prompt = self.pipe.edit_prompt(prompt, settings)
+        self.pipe.check_inputs(prompt, image, 1, settings)
+        key = (settings, image is not None, self.pipe.prompt_length(prompt, image, settings))
+        jobs = [Job(prompt, s % SEED_MODULUS, settings, image, key) for s in seeds]
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -118,12 +110,12 @@ class Engine:
                 self._cv.wait()
             if self._closed:
                 return []
-            settings = self._queue[0].settings
+            key = self._queue[0].key
             deadline = time.monotonic() + self.gather_s
-            while (sum(j.settings == settings for j in self._queue) < self.slots
+            while (sum(j.key == key for j in self._queue) < self.slots
                    and (left := deadline - time.monotonic()) > 0):
                 self._cv.wait(left)
-            batch = [j for j in self._queue if j.settings == settings][: self.slots]
+            batch = [j for j in self._queue if j.key == key][: self.slots]
             taken = set(map(id, batch))
             self._queue = [j for j in self._queue if id(j) not in taken]
         # A caller that gave up (timeout) cancelled its future: skip it.
@@ -157,21 +149,15 @@ class Engine:
             self.batches += 1
             self.images += len(requests)
 
-    def prompt_length(self, s: Settings) -> int:
-        """The fixed prompt width (tokens) of every row of a call with settings `s`."""
+    def longest_prompt(self, hw: tuple[int, int], edit: bool) -> int:
+        """Tokens in the longest prompt row a request of this size may have."""
         f = self.pipe.down_factor
-        h, w = s.height // f, s.width // f
+        h, w = hw[0] // f, hw[1] // f
         enc = self.pipe.tokenizer.encode
-        return self.max_prompt_tokens + len(enc(image_prefix(h, w))) + (len(enc(image_block(h, w))) if s.edit else 0)
+        return self.max_prompt_tokens + len(enc(image_prefix(h, w))) + (len(enc(image_block(h, w))) if edit else 0)
 
     def _prepare(self, job: Job) -> GenerationRequest:
-        s = job.settings
-        prompt = self.pipe.edit_prompt(job.prompt) if s.edit else job.prompt
-        settings = generation_settings(self.pipe, cfg=s.cfg, cfg_img=s.cfg_img, steps=s.steps)
-        settings["hw"] = (s.height, s.width)
-        return self.pipe.prepare(prompt, images=job.image if s.edit else None, seed=job.seed,
-                                 negative_prompt=s.negative_prompt or None, prompt_length=self.prompt_length(s),
-                                 **settings)
+        return self.pipe.prepare(job.prompt, job.image, 1, job.seed, job.settings)
 
     def _run(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         n = len(requests)

@@ -13,29 +13,34 @@ categories.
 
 Prompt (case) i of category c comes from its own RNG, seeded with (seed, c, i),
 so the set depends only on the seed (and, for edits, the canvas size), and a
-larger set starts with the smaller one. Generation is batched: `batch_size`
-prompts with all their n images per `generate_image` call, call b seeded with
-seed + b. With `out`, the report goes to `out/report.json` and one PNG grid per
-category to `out/<category>.png`: a row per prompt (for edits: the source
-first, grey border), each image framed green (passed) or red (failed).
+larger set starts with the smaller one. The sets repeat captions (40
+single-object prompts are a handful of distinct captions), so each prompt
+instance also gets its own generation seed, from (seed, c, i) too: repeats are
+new samples, not copies. Image k of an instance is the image of its seed + k,
+as everywhere (`NextStepPipeline.generate`), and the report states how many
+distinct images each score rests on. With `out`, the report goes to
+`out/report.json` and one PNG grid per category to `out/<category>.png`: a row
+per prompt (for edits: the source first, grey border), each image framed green
+(passed) or red (failed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_write
-from ..pipeline import FAMILIES, NextStepPipeline
-from .checker import check, check_edit
+from ..pipeline import NextStepPipeline
+from ..settings import GenerationSettings
+from .checker import CheckResult, check, check_edit
 from .renderer import render_image
 from .sampling import sample_caption, sample_edit
 from .world import CATEGORIES, EDIT_OPS, Scene
@@ -45,36 +50,13 @@ BORDER, GAP = 3, 2  # pixels around each image and between framed images
 EDIT_KIND_OFFSET = 100  # keeps the edit cases' RNG streams apart from the caption prompts'
 
 
-# ---------------------------------------------------------------------- batched generation
-def generate_batches(pipe: NextStepPipeline, captions: Sequence[str], images: Sequence[Image.Image] | None,
-                     n: int, batch_size: int, seed: int, progress: bool = False, **settings: Any
-                     ) -> Iterator[tuple[int, list[list[Image.Image]]]]:
-    """Generate n images per caption, `batch_size` captions per `generate_image` call (call b uses
-    seed + b). Yields (index of the batch's first caption, its images grouped per caption). The
-    progress bar counts images, or, when one call does it all, image tokens."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    one_call = len(captions) <= batch_size
-    bar = tqdm(total=len(captions) * n, unit="image", disable=None if progress and not one_call else True)
-    with bar:
-        for b, start in enumerate(range(0, len(captions), batch_size)):
-            chunk = list(captions[start:start + batch_size])
-            sources = None if images is None else list(images[start:start + batch_size])
-            out = pipe.generate_image(chunk, sources, n, seed=seed + b, progress=progress and one_call, **settings)
-            bar.update(len(out))
-            yield start, [out[i * n:(i + 1) * n] for i in range(len(chunk))]
+SET_SEED = 0  # the default prompt (case) set
+GENERATION_STREAM = 200  # keeps the generation seeds' streams apart from the sets' own
 
 
-def generation_settings(pipe: NextStepPipeline, size: int | None = None, cfg: float | None = None,
-                        cfg_img: float | None = None, steps: int | None = None) -> dict[str, Any]:
-    """`generate_image` keyword arguments: the model's generation defaults with these overrides."""
-    d = pipe.generation_defaults
-    h, w = pipe.default_size if size is None else (size, size)
-    return {"hw": (h, w), "cfg": d["cfg"] if cfg is None else cfg,
-            "cfg_img": d["cfg_img"] if cfg_img is None else cfg_img,
-            "num_sampling_steps": d["num_sampling_steps"] if steps is None else steps,
-            "timesteps_shift": d["timesteps_shift"], "cfg_schedule": d["cfg_schedule"],
-            "use_norm": d["use_norm"], "sde_type": d["sampler"], "context_noise": d["context_noise"]}
+def instance_seed(seed: int, category: int, index: int) -> int:
+    """The generation seed of prompt instance `index` of category number `category`."""
+    return int(np.random.SeedSequence([seed, GENERATION_STREAM + category, index]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------- the fixed sets
@@ -118,19 +100,55 @@ def benchmark_edit_cases(per_kind: int, seed: int, size: int) -> dict[str, list[
 
 
 # ---------------------------------------------------------------------- the benchmarks
-def _square_size(pipe: NextStepPipeline, size: int | None) -> int:
-    if size is not None:
-        return size
-    h, w = pipe.default_size
+@dataclass
+class Instance:
+    """One prompt instance: what the model is given, its seed, and how its images are judged."""
+
+    category: str
+    prompt: str
+    seed: int
+    judge: Callable[[Image.Image], CheckResult]
+    record: dict[str, Any]  # what the report says of the case
+    source: Image.Image | None = None  # edits: the rendered source scene
+
+
+def _square(settings: GenerationSettings) -> int:
+    h, w = settings.hw
     if h != w:
-        raise ValueError(f"the shapes world is square, but the model's default size is {h}x{w}: give a size")
+        raise ValueError(f"the shapes world is square, but the size is {w}x{h}: give a square size")
     return h
 
 
-def _settings_record(pipe: NextStepPipeline, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    s = {**extra, **settings, "hw": list(settings["hw"])}
-    s["sde_type"] = s["sde_type"] or FAMILIES[pipe.model.config.family].default_sampler
-    return s
+def _run(pipe: NextStepPipeline, kind: str, instances: list[Instance], n: int, settings: GenerationSettings,
+         batch_size: int, out: str | Path | None, model: str | None, progress: bool, t0: float,
+         **record: Any) -> dict[str, Any]:
+    """Generate n images per instance, judge them, summarise, and write the outputs."""
+    _check_int("images per prompt", n, 1)
+    _check_int("batch size", batch_size, 1)
+    sources = None if instances[0].source is None else [i.source for i in instances]
+    done: dict[int, tuple[dict, list]] = {}
+    digests: dict[str, set[bytes]] = {}
+    for idx, images in pipe.iter_generate([i.prompt for i in instances], settings, [i.seed for i in instances], n,
+                                          sources, batch_images=batch_size * n, progress=progress):
+        inst = instances[idx]
+        results = [inst.judge(im) for im in images]
+        row = {**inst.record, "seed": inst.seed, "passed": [r.passed for r in results],
+               "reasons": [r.reason for r in results]}
+        framed = ([(inst.source, None)] if inst.source is not None else []) + \
+            [(im, r.passed) for im, r in zip(images, results)]
+        done[idx] = (row, framed)
+        digests.setdefault(inst.category, set()).update(hashlib.sha256(im.tobytes()).digest() for im in images)
+    cases: dict[str, list[dict]] = {}
+    grids: dict[str, list[list[tuple[Image.Image, bool | None]]]] = {}
+    for idx, inst in enumerate(instances):
+        cases.setdefault(inst.category, []).append(done[idx][0])
+        grids.setdefault(inst.category, []).append(done[idx][1])
+    report = _summarise(kind, cases, {**record, "n": n, "batch_size": batch_size, **settings.as_dict()}, model, t0)
+    for name, c in report["categories"].items():
+        c["distinct_images"] = len(digests[name])
+    if out is not None:
+        write_outputs(Path(out), report, grids)
+    return report
 
 
 def _summarise(kind: str, cases: dict[str, list[dict]], settings: dict, model: str | None, t0: float
@@ -146,61 +164,42 @@ def _summarise(kind: str, cases: dict[str, list[dict]], settings: dict, model: s
             "overall": overall, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def run_shapes_benchmark(pipe: NextStepPipeline, per_category: int = 40, n: int = 4, seed: int = 0, *,
-                         cfg: float | None = None, steps: int | None = None, size: int | None = None,
-                         batch_size: int = 16, out: str | Path | None = None, model: str | None = None,
+def run_shapes_benchmark(pipe: NextStepPipeline, per_category: int = 40, n: int = 4, seed: int | None = None, *,
+                         settings: GenerationSettings | None = None, batch_size: int = 16,
+                         out: str | Path | None = None, model: str | None = None,
                          progress: bool = False) -> dict[str, Any]:
-    """Text-to-image benchmark (see the module doc). Unset settings come from the model's
-    generation defaults; `model` is only recorded in the report."""
+    """Text-to-image benchmark (see the module doc). `settings` default to the model's own;
+    `model` is only recorded in the report."""
     t0 = time.perf_counter()
-    _check_int("images per prompt", n, 1)
-    size = _square_size(pipe, size)
-    settings = generation_settings(pipe, size, cfg, 1.0, steps)
+    settings = settings or pipe.settings
+    seed = SET_SEED if seed is None else seed
+    _square(settings)
     prompts = benchmark_prompts(per_category, seed)
-    flat = [(c, p) for c in CATEGORIES for p in prompts[c]]
-    cases: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
-    grids: dict[str, list[list[tuple[Image.Image, bool | None]]]] = {c: [] for c in CATEGORIES}
-    for start, groups in generate_batches(pipe, [p for _, p in flat], None, n, batch_size, seed, progress,
-                                          **settings):
-        for (category, prompt), images in zip(flat[start:], groups):
-            results = [check(im, prompt) for im in images]
-            cases[category].append({"prompt": prompt, "passed": [r.passed for r in results],
-                                    "reasons": [r.reason for r in results]})
-            grids[category].append([(im, r.passed) for im, r in zip(images, results)])
-    record = _settings_record(pipe, settings, per_category=per_category, n=n, seed=seed, batch_size=batch_size)
-    report = _summarise("shapes", cases, record, model, t0)
-    if out is not None:
-        write_outputs(Path(out), report, grids)
-    return report
+    instances = [Instance(c, p, instance_seed(seed, ci, i), lambda im, p=p: check(im, p), {"prompt": p})
+                 for ci, c in enumerate(CATEGORIES) for i, p in enumerate(prompts[c])]
+    return _run(pipe, "shapes", instances, n, settings, batch_size, out, model, progress, t0,
+                per_category=per_category, set_seed=seed)
 
 
-def run_edits_benchmark(pipe: NextStepPipeline, per_kind: int = 40, n: int = 4, seed: int = 0, *,
-                        cfg: float | None = None, cfg_img: float | None = None, steps: int | None = None,
-                        size: int | None = None, batch_size: int = 16, out: str | Path | None = None,
-                        model: str | None = None, progress: bool = False) -> dict[str, Any]:
+def run_edits_benchmark(pipe: NextStepPipeline, per_kind: int = 40, n: int = 4, seed: int | None = None, *,
+                        settings: GenerationSettings | None = None, batch_size: int = 16,
+                        out: str | Path | None = None, model: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
     """Editing benchmark (see the module doc); categories are the four edit kinds."""
     t0 = time.perf_counter()
-    _check_int("images per case", n, 1)
-    size = _square_size(pipe, size)
-    settings = generation_settings(pipe, size, cfg, cfg_img, steps)
-    all_cases = benchmark_edit_cases(per_kind, seed, size)
-    flat = [case for kind in EDIT_OPS for case in all_cases[kind]]
-    sources = [render_image(case.source) for case in flat]
-    captions = [pipe.edit_prompt(case.instruction) for case in flat]
-    cases: dict[str, list[dict]] = {k: [] for k in EDIT_OPS}
-    grids: dict[str, list[list[tuple[Image.Image, bool | None]]]] = {k: [] for k in EDIT_OPS}
-    for start, groups in generate_batches(pipe, captions, sources, n, batch_size, seed, progress, **settings):
-        for case, source, images in zip(flat[start:], sources[start:], groups):
-            results = [check_edit(source, im, case.instruction) for im in images]
-            cases[case.kind].append({"instruction": case.instruction, "source": case.source.labels(),
-                                     "passed": [r.passed for r in results],
-                                     "reasons": [r.reason for r in results]})
-            grids[case.kind].append([(source, None)] + [(im, r.passed) for im, r in zip(images, results)])
-    record = _settings_record(pipe, settings, per_kind=per_kind, n=n, seed=seed, batch_size=batch_size)
-    report = _summarise("edits", cases, record, model, t0)
-    if out is not None:
-        write_outputs(Path(out), report, grids)
-    return report
+    settings = settings or pipe.settings
+    seed = SET_SEED if seed is None else seed
+    all_cases = benchmark_edit_cases(per_kind, seed, _square(settings))
+    instances = []
+    for ki, kind in enumerate(EDIT_OPS):
+        for i, case in enumerate(all_cases[kind]):
+            source = render_image(case.source)
+            instances.append(Instance(
+                kind, case.instruction, instance_seed(seed, EDIT_KIND_OFFSET + ki, i),
+                lambda im, src=source, ins=case.instruction: check_edit(src, im, ins),
+                {"instruction": case.instruction, "source": case.source.labels()}, source))
+    return _run(pipe, "edits", instances, n, settings, batch_size, out, model, progress, t0,
+                per_kind=per_kind, set_seed=seed)
 
 
 # ---------------------------------------------------------------------- outputs
@@ -236,8 +235,9 @@ def write_outputs(out: Path, report: dict[str, Any],
 def format_table(report: dict[str, Any]) -> str:
     """The per-category scores as a plain-text table."""
     width = max(len("category"), *(len(c) for c in report["categories"]))
-    lines = [f"{'category':<{width}}  prompts  images  passed  score"]
+    lines = [f"{'category':<{width}}  prompts  images  distinct  passed  score"]
     for name, c in report["categories"].items():
-        lines.append(f"{name:<{width}}  {c['prompts']:>7}  {c['images']:>6}  {c['passed']:>6}  {c['score']:.3f}")
-    lines.append(f"{'overall':<{width}}  {'':>7}  {'':>6}  {'':>6}  {report['overall']:.3f}")
+        lines.append(f"{name:<{width}}  {c['prompts']:>7}  {c['images']:>6}  {c.get('distinct_images', ''):>8}  "
+                     f"{c['passed']:>6}  {c['score']:.3f}")
+    lines.append(f"{'overall':<{width}}  {'':>7}  {'':>6}  {'':>8}  {'':>6}  {report['overall']:.3f}")
     return "\n".join(lines)
