@@ -28,8 +28,7 @@ import torch
 
 from nextstep import NextStepPipeline
 from nextstep.data.batching import Collator
-from nextstep.pipeline import pixels_to_pil
-from nextstep.shapes.benchmark import generation_settings
+from nextstep.io.images import pixels_to_pil
 from nextstep.shapes.dataset import ShapesDataset
 from nextstep.training.train import image_generators, sample_latents
 
@@ -37,14 +36,13 @@ FP32_TOL = 2e-3  # tokens: the fixtures' end-to-end tolerance with guidance is 1
 
 
 def tokens_and_pixels(pipe: NextStepPipeline, edit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    kwargs = dict(seed=7, num_images_per_caption=2)
     if edit:
         sample = next(iter(ShapesDataset(size=pipe.default_size[0], seed=3, edits=True)))
-        req = pipe.prepare("<image>" + sample["instruction"], images=pixels_to_pil(sample["source"][None])[0],
-                           **kwargs, **generation_settings(pipe))
+        req = pipe.prepare("<image>" + sample["instruction"], pixels_to_pil(sample["source"][None])[0], 2, 7,
+                           pipe.settings)
     else:
-        req = pipe.prepare(["a red circle", "two blue squares to the left of a green triangle"], **kwargs,
-                           **generation_settings(pipe, cfg_img=1.0))
+        req = pipe.prepare(["a red circle", "two blue squares to the left of a green triangle"], None, 2, 7,
+                           pipe.settings)
     with torch.inference_mode():
         tokens = pipe.sample_tokens(req).float().cpu()
         pixels = pipe.decode_pixels(tokens.to(pipe.device), req.grid).float().cpu()
@@ -65,7 +63,7 @@ def training_loss(device: str) -> float:
 
 
 def seconds_per_image(pipe: NextStepPipeline, batch: int) -> float:
-    kwargs = dict(progress=False, num_images_per_caption=batch, **generation_settings(pipe, cfg_img=1.0))
+    kwargs = dict(progress=False, num_images_per_caption=batch)  # the model's own settings
     pipe.generate_image("a red circle", **kwargs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 from nextstep import NextStepPipeline
-from nextstep.shapes.benchmark import generation_settings
 
 PROMPT = "a red circle to the left of a blue square"
 
 
 def time_batch(pipe: NextStepPipeline, batch: int, runs: int) -> float:
     """Median seconds of one call generating `batch` images (after a warm-up)."""
-    kwargs = dict(progress=False, **generation_settings(pipe, cfg_img=1.0))
+    kwargs = dict(progress=False)  # the model's own settings
     pipe.generate_image(PROMPT, num_images_per_caption=batch, **kwargs)
     times = []
     for _ in range(runs):
@@ -63,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = NextStepPipeline.from_pretrained(args.model, dtype=args.dtype)
-    d = pipe.generation_defaults
+    d = pipe.settings
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, 1-min load {os.getloadavg()[0]:.2f}")
     print(f"defaults: {d}")

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from nextstep.devices import autocast
-from nextstep.pipeline import NextStepPipeline, pil_to_pixels
+from nextstep.io.images import pil_to_pixels
+from nextstep.pipeline import NextStepPipeline
 from nextstep.sampling import FlowSampler
 from nextstep.shapes import COLOURS, render_image, sample_scene
-from nextstep.shapes.benchmark import generation_settings
 
 CELL = 16  # pixels per image token side (f8 VAE, 2x2 patches)
 NAMES = list(COLOURS)
@@ -79,8 +79,8 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = NextStepPipeline.from_pretrained(args.model)
     model = pipe.model
-    s = generation_settings(pipe, cfg_img=1.0)
-    size = s["hw"][0]
+    s = pipe.settings
+    size = s.hw[0]
     grid = size // CELL
 
     scenes, captions, firsts, colours, other = [], [], [], [], []
@@ -101,9 +101,9 @@ def main() -> None:
                        for sc, o in zip(scenes, other)],
         "blank": [replace(sc, objects=()) for sc in scenes],
     }
-    request = pipe.prepare(captions, None, 1, seed=0, **s)  # rows: cond, then uncond (cfg > 1)
+    request = pipe.prepare(captions, None, 1, 0, s)  # rows: cond, then uncond (cfg > 1)
     groups, rows = request.groups, request.input_ids.shape[0]
-    sampler = FlowSampler(s["sde_type"] or "euler_maruyama", s["num_sampling_steps"], s["timesteps_shift"])
+    sampler = FlowSampler(s.sampler or "euler_maruyama", s.num_sampling_steps, s.timesteps_shift)
     index = torch.arange(n)
     first = torch.tensor(firsts)
     generator = torch.Generator().manual_seed(0)
@@ -112,9 +112,9 @@ def main() -> None:
         # the object's first token in each palette colour: (n, colours, token_dim)
         palette_tokens = torch.stack([
             encode_tokens(pipe, [replace(sc, objects=(replace(sc.objects[0], colour=name),)) for sc in scenes],
-                          grid, s["use_norm"])[index, first] for name in NAMES], 1).float()
+                          grid, s.use_norm)[index, first] for name in NAMES], 1).float()
         for name, images in prefixes.items():
-            tokens = encode_tokens(pipe, images, grid, s["use_norm"])
+            tokens = encode_tokens(pipe, images, grid, s.use_norm)
             embeds = model.embed(request.input_ids)
             T = embeds.shape[1]
             image = model.image_in_projector(tokens[:, :-1].to(embeds.dtype)).to(embeds.dtype).repeat(groups, 1, 1)
@@ -125,8 +125,8 @@ def main() -> None:
             caption = prefix = 0
             for _ in range(args.repeats):
                 noise = torch.randn((sampler.noise_draws, n, tokens.shape[-1]), generator=generator)
-                out = prepared.sample(c, noise, groups, s["cfg"], 1.0).float()
-                if s["use_norm"]:
+                out = prepared.sample(c, noise, groups, s.cfg, 1.0).float()
+                if s.use_norm:
                     out = F.layer_norm(out, out.shape[-1:], eps=1e-6)
                 got = (palette_tokens - out[:, None]).norm(dim=-1).argmin(1)
                 caption += int((got == torch.tensor(colours)).sum())

@@ -36,7 +36,8 @@ import itertools
 
 import torch
 
-from nextstep.pipeline import SHIPPED_MODEL, pil_to_pixels, pixels_to_pil
+from nextstep.io.images import pil_to_pixels, pixels_to_pil
+from nextstep.pipeline import SHIPPED_MODEL
 from nextstep.shapes import BACKGROUNDS, COLOURS, Scene, SceneObject, check_edit, render_image
 from nextstep.shapes.benchmark import benchmark_edit_cases
 from nextstep.vae import AutoencoderKL

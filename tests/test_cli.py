@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -380,6 +379,16 @@ class StubPipe:
             else:
                 rng = np.random.default_rng(seeds[i])
                 yield i, [render_image(scene_for_caption(rng, parse_caption(p), 64)) for _ in range(n)]
+
+
+def test_prompt_instances_with_one_caption_get_their_own_images(pipe: NextStepPipeline) -> None:
+    """The sets repeat captions; each instance has its own seed, so repeats are new samples."""
+    report = run_shapes_benchmark(pipe, per_category=6, n=1)
+    single = report["categories"]["single_object"]
+    captions = [c["prompt"] for c in single["cases"]]
+    assert len(set(captions)) < len(captions)  # some caption is repeated ...
+    assert len({c["seed"] for c in single["cases"]}) == len(captions)  # ... with its own seed
+    assert all(c["distinct_images"] == c["images"] for c in report["categories"].values())
 
 
 def test_benchmark_scores_and_frames(tmp_path: Path) -> None:

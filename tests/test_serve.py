@@ -85,6 +85,28 @@ def test_concurrent_requests_match_their_lone_results(client, served, prompts, s
         assert served.engine.batches - calls_before < len(prompts)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_cli_the_api_and_pipe_give_the_same_pngs(client, served, tmp_path):
+    """One seed rule everywhere: image k of a request is the image of seed + k."""
+    from nextstep.cli import main
+
+    prompt, n, seed = "a purple triangle above an orange square", 4, 7
+    assert main(["generate", prompt, "-n", str(n), "--seed", str(seed), "--steps", str(STEPS),
+                 "-o", str(tmp_path / "cli.png")]) == 0
+    cli = [(tmp_path / f"cli_{k}.png").read_bytes() for k in range(n)]
+    api = [base64.b64decode(b) for b in generate(client, prompt, seed, n)]
+    pipe = served.engine.pipe
+    called = [png_bytes(im) for im in pipe(prompt, num_images_per_prompt=n, generator=seed,
+                                           num_inference_steps=STEPS).images]
+    assert cli == api == called
+    assert len(set(cli)) == n  # and they are n different images
+
+
 def test_the_openai_client_edits_an_image(client):
     def edit(seed: int) -> list[str]:
         r = client.images.edit(image=("source.png", source_png(), "image/png"), prompt="make the red circle blue",

@@ -133,7 +133,7 @@ class PreparedSampler:
         self.coefs = sampler.step_coefficients()
         self.mod: Tensor | None = None  # the adaLN parameters of the current token (see sample)
 
-    def sample(self, c: Tensor, noise: Tensor, groups: int = 1, cfg: float = 1.0, cfg_img: float = 1.0) -> Tensor:
+    def sample(self, c: Tensor, noise: Tensor, groups: int, cfg: float, cfg_img: float = 1.0) -> Tensor:
         """One token per conditional row.
 
         c: (groups * B, hidden) conditions, groups stacked [cond; uncond_1; uncond_2].
