@@ -93,7 +93,7 @@ def configure(args: argparse.Namespace, precision: str, out: Path) -> TrainConfi
     config.train.checkpoint_every = 10**9  # only the final one, written after the last step's timing
     config.train.sample_every = 0
     config.train.sample_prompts = ["a red circle"]
-    config.train.sample_steps = 2
+    config.train.sample_settings = {"num_sampling_steps": 2}
     config.train.tensorboard = False
     config.model.vae = str(args.vae)
     if args.batch:

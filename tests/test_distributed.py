@@ -43,8 +43,7 @@ def write_config(folder: Path, vae: Path, out: str, ranks: int, steps: int = STE
          "max_position_embeddings = 256 }"),
         "[data]", 'sources = [{ kind = "shapes", size = 64 }]', f"batch_size = {batch}", "caption_dropout = 0.25",
         "[optim]", "lr = 3e-3", "warmup_steps = 2", "grad_accum = 1",
-        "[train]", "checkpoint_every = 5", "keep_last = 3", "tensorboard = false", "sample_steps = 2",
-        "sample_size = 64", 'sample_prompts = ["a red circle"]',
+        "[train]", "checkpoint_every = 5", "keep_last = 3", "tensorboard = false", "sample_settings = { hw = [64, 64], num_sampling_steps = 2 }", 'sample_prompts = ["a red circle"]',
     ]
     path = folder / f"{out}.toml"
     path.write_text("\n".join(lines) + "\n")

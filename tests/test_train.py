@@ -32,8 +32,7 @@ def write_config(folder: Path, vae: Path, out: str = "run", steps: int = 40, **t
         "num_key_value_heads = 2, fm_head_dim = 32, fm_head_layers = 2, max_position_embeddings = 256 }",
         "[data]", 'sources = [{ kind = "shapes", size = 32 }]', "batch_size = 8",
         "[optim]", "lr = 3e-3", "warmup_steps = 5",
-        "[train]", "checkpoint_every = 10", "keep_last = 2", "tensorboard = false", "sample_steps = 2",
-        "sample_size = 32",
+        "[train]", "checkpoint_every = 10", "keep_last = 2", "tensorboard = false", "sample_settings = { hw = [32, 32], num_sampling_steps = 2 }",
     ]
     path = folder / f"{out}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -90,7 +89,7 @@ def test_loss_goes_down(tmp_path, ref10, capsys):
     more.write_text(f'out_dir = "{tmp_path / "more"}"\nsteps = 2\ninit_from = "{export}"\n'
                     "[model]\nconfig = { fm_head_batch_mul = 3, lm_loss_weight = 0.5 }\n"
                     '[data]\nsources = [{ kind = "shapes", size = 32 }]\nbatch_size = 4\n'
-                    "[train]\ntensorboard = false\nsample_steps = 2\nsample_size = 32\ncontext_noise = 0.5\n")
+                    "[train]\ntensorboard = false\nsample_settings = { hw = [32, 32], num_sampling_steps = 2 }\ncontext_noise = 0.5\n")
     stage2 = TrainConfig.from_file(more)
     model, _, _ = build_parts(stage2, torch.device("cpu"))
     assert model.image_head.batch_mul == 3 and model.config.lm_loss_weight == 0.5

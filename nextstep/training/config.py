@@ -15,12 +15,16 @@ from typing import Any
 
 from ..devices import TRAINING_PRECISIONS
 from ..errors import ConfigError
+from ..settings import GenerationSettings
 from ..text import SOURCE_IMAGE_PLACES
 from .config_file import build, read_toml
 
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
 NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
 SOURCE_KINDS = ("shapes", "files")
+# Keys of earlier versions: old -> where it is now.
+RENAMED = {"sample_size": "train.sample_settings.hw = [S, S]", "sample_cfg": "train.sample_settings.cfg",
+           "sample_steps": "train.sample_settings.num_sampling_steps"}
 
 
 # NextStepConfig fields that only shape training (no parameter depends on them), so a stage may
@@ -98,9 +102,9 @@ class TrainSection:
     context_noise: float = 0.0
     sample_every: int = 0  # 0: only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
-    sample_size: int = 64
-    sample_cfg: float = 3.0
-    sample_steps: int = 20
+    # How the sample grids are drawn: GenerationSettings overrides (e.g. {hw = [64, 64], cfg = 3.0});
+    # unset ones are the model's defaults (nextstep/settings.py).
+    sample_settings: dict[str, Any] = field(default_factory=dict)
     tensorboard: bool = True
 
 
@@ -123,6 +127,9 @@ class TrainConfig:
         raw = read_toml(path)
         if "source" in raw:
             raise ConfigError(f"{path}: 'source' is not a config key (it records the file a config came from)")
+        moved = [f"train.{old} is now {new}" for old, new in RENAMED.items() if old in raw.get("train", {})]
+        if moved:
+            raise ConfigError(f"{path}: " + "; ".join(moved))
         config = build(cls, raw)
         config.source = str(path)
         return config
@@ -144,6 +151,10 @@ class TrainConfig:
                 problems.append(f"{name}={value} (must be >= 1)")
         if not 0 <= self.train.context_noise < float("inf"):
             problems.append(f"train.context_noise={self.train.context_noise} (must be a number >= 0)")
+        try:  # checked against the official defaults; the model's size is filled in when sampling
+            GenerationSettings().with_overrides(**self.train.sample_settings)
+        except (TypeError, ValueError) as e:
+            problems.append(f"train.sample_settings: {e}")
         if not self.optim.lr > 0:
             problems.append(f"optim.lr={self.optim.lr} (must be > 0)")
         if self.optim.schedule not in ("constant", "cosine"):
@@ -205,3 +216,4 @@ def _exists(path: str) -> bool:
     if "://" in path or "{" in path:
         return True
     return Path(path).exists()
+

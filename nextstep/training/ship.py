@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..io import load_model, save_model
-from ..pipeline import load_generation_defaults
+from ..settings import read_generation_defaults
 from ..text import TextTokenizer
 from ..vae import AutoencoderKL
 from .blend import blend_into, check_same_latents
@@ -62,7 +62,7 @@ def ship(export: Path, dest: Path, defaults: dict, card: str, dtype: torch.dtype
         vae.save_pretrained(tmp / "vae")
         (tmp / "generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
         (tmp / "MODEL_CARD.md").write_text(card)
-        load_generation_defaults(tmp)  # refuse to ship defaults the pipeline would not load
+        read_generation_defaults(tmp)  # refuse to ship defaults the pipeline would not load
         old = dest.with_name(f".{dest.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():

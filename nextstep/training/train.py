@@ -217,12 +217,14 @@ def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, 
     was_training = model.training
     model.eval()
     pipe = NextStepPipeline(model, vae, tokenizer)
-    images = pipe.generate_image(t.sample_prompts, hw=(t.sample_size, t.sample_size), cfg=t.sample_cfg,
-                                 num_sampling_steps=t.sample_steps, seed=0, progress=False)
+    settings = pipe.settings.with_overrides(**config.train.sample_settings)
+    images = [im for group in pipe.generate(t.sample_prompts, settings, [config.seed] * len(t.sample_prompts))
+              for im in group]
     model.train(was_training)
-    grid = Image.new("RGB", (t.sample_size * len(images), t.sample_size))
+    h, w = settings.hw
+    grid = Image.new("RGB", (w * len(images), h))
     for i, im in enumerate(images):
-        grid.paste(im, (i * t.sample_size, 0))
+        grid.paste(im, (i * w, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
