@@ -37,6 +37,13 @@ def size_arg(text: str) -> tuple[int, int]:
     return h, w
 
 
+def command_group(sub: argparse._SubParsersAction, name: str, help: str, description: str, dest: str,
+                  metavar: str) -> argparse._SubParsersAction:
+    """A command whose first argument picks a subcommand (`nextstep eval shapes`, `nextstep data shapes`)."""
+    parser = sub.add_parser(name, help=help, description=description)
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+
+
 # ---------------------------------------------------------------------- model and settings
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, metavar="DIR",

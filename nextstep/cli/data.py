@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..io.atomic import atomic_write
+from .common import command_group
 
 FORMATS = ("folder", "webdataset")
 
@@ -24,9 +25,8 @@ def _probability(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="make training data (the shapes world)",
-                       description="Make training data.")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    data_sub = command_group(sub, "data", "make training data (the shapes world)", "Make training data.",
+                             "data_command", "WHAT")
     s = data_sub.add_parser(
         "shapes", help="render the synthetic shapes world",
         description="Render N seeded samples of the shapes world (see shapes-world.md): captioned images, "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_args, add_seed_arg, add_settings_args, check_positive, load_pipeline, model_label
-from .common import settings_from_args
+from .common import (add_model_args, add_seed_arg, add_settings_args, check_positive, command_group, load_pipeline,
+                     model_label, settings_from_args)
 
 
 def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None:
@@ -22,9 +22,9 @@ def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="benchmark a model on the shapes world",
-                       description="GenEval-style benchmarks on the shapes world (see shapes-world.md).")
-    bench = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    bench = command_group(sub, "eval", "benchmark a model on the shapes world",
+                          "GenEval-style benchmarks on the shapes world (see shapes-world.md).", "benchmark",
+                          "BENCHMARK")
     s = bench.add_parser(
         "shapes", help="text to image: six categories, judged by the shapes checker",
         description="Generate n images for each prompt of a fixed, seeded prompt set (N per category: "
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "categories), and write OUT/report.json and OUT/<category>.png.")
     s.add_argument("--per-category", type=int, default=40, metavar="N", help="prompts per category (default 40)")
     _common(s, "eval/shapes", "prompt", edit=False)
-    s.set_defaults(run=run_shapes)
+    s.set_defaults(run=run)
     e = bench.add_parser(
         "edits", help="editing: four edit kinds, judged by the shapes checker",
         description="Edit a fixed, seeded set of rendered scenes (N cases per kind: recolour, add, remove, "
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--per-kind", "--per-category", dest="per_kind", type=int, default=40, metavar="N",
                    help="cases per edit kind (default 40)")
     _common(e, "eval/edits", "case", edit=True)
-    e.set_defaults(run=run_edits)
+    e.set_defaults(run=run)
 
 
 def _check(args: argparse.Namespace, count: int) -> None:
@@ -54,31 +54,16 @@ def _check(args: argparse.Namespace, count: int) -> None:
         raise ValueError(f"--out {args.out} exists and is not a folder")
 
 
-def _finish(report: dict, out: Path) -> int:
-    from ..shapes.benchmark import format_table
+def run(args: argparse.Namespace) -> int:
+    from ..shapes.benchmark import format_table, run_edits_benchmark, run_shapes_benchmark
 
+    shapes = args.benchmark == "shapes"
+    count = args.per_category if shapes else args.per_kind
+    _check(args, count)
+    pipe = load_pipeline(args)
+    benchmark = run_shapes_benchmark if shapes else run_edits_benchmark
+    report = benchmark(pipe, count, args.num_images, args.seed, settings=settings_from_args(pipe, args),
+                       batch_size=args.batch_size, out=args.out, model=model_label(args), progress=True)
     print(format_table(report))
-    print(f"{report['seconds']:.1f} s; report: {out / 'report.json'}")
+    print(f"{report['seconds']:.1f} s; report: {args.out / 'report.json'}")
     return 0
-
-
-def run_shapes(args: argparse.Namespace) -> int:
-    from ..shapes.benchmark import run_shapes_benchmark
-
-    _check(args, args.per_category)
-    pipe = load_pipeline(args)
-    report = run_shapes_benchmark(pipe, args.per_category, args.num_images, args.seed,
-                                  settings=settings_from_args(pipe, args), batch_size=args.batch_size, out=args.out,
-                                  model=model_label(args), progress=True)
-    return _finish(report, args.out)
-
-
-def run_edits(args: argparse.Namespace) -> int:
-    from ..shapes.benchmark import run_edits_benchmark
-
-    _check(args, args.per_kind)
-    pipe = load_pipeline(args)
-    report = run_edits_benchmark(pipe, args.per_kind, args.num_images, args.seed,
-                                 settings=settings_from_args(pipe, args), batch_size=args.batch_size, out=args.out,
-                                 model=model_label(args), progress=True)
-    return _finish(report, args.out)

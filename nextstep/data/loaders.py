@@ -33,13 +33,18 @@ ITEMS = "items"  # the one unit of an item list: slot j = this rank's j-th item 
 
 
 class _ItemDataset(StreamDataset):
-    """An epoch over `self._count()` items, item i read by `self._item(i)` -> role fields."""
+    """An epoch over `self._count()` items listed by `self._index(path)`, item i read by
+    `self._item(i)` -> role fields."""
 
-    def __init__(self, task: str, resolution: int, seed: int, shuffle: bool, rank: int | None,
-                 world_size: int | None) -> None:
+    def __init__(self, path: str | os.PathLike, resolution: int = 256, task: str = "t2i", seed: int = 0,
+                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__(seed=seed, shuffle=shuffle, shuffle_buffer=0, rank=rank, world_size=world_size)
         self.task = check_task(task)
         self.resolution = resolution
+        self._index(Path(path))
+
+    def _index(self, path: Path) -> None:
+        raise NotImplementedError
 
     def _count(self) -> int:
         raise NotImplementedError
@@ -68,10 +73,8 @@ class _ItemDataset(StreamDataset):
 class FolderDataset(_ItemDataset):
     """Images with `.txt`/`.json` caption sidecars (or edit triplets) under a folder."""
 
-    def __init__(self, root: str | os.PathLike, resolution: int = 256, task: str = "t2i", seed: int = 0,
-                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
-        super().__init__(task, resolution, seed, shuffle, rank, world_size)
-        self.root = Path(root)
+    def _index(self, root: Path) -> None:
+        self.root = root
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         groups: dict[str, dict[str, str]] = {}
@@ -85,14 +88,14 @@ class FolderDataset(_ItemDataset):
                 key = key if rel == "." else f"{rel}/{key}"
                 groups.setdefault(key, {})[ext] = name if rel == "." else f"{rel}/{name}"
         # Keep keys that have at least one file we understand; the rest is not data.
-        want = {"image"} if task == "t2i" else {"source", "target"}
+        want = {"image"} if self.task == "t2i" else {"source", "target"}
         self.items = []
         for key in sorted(groups):
             files = roles({ext: path for ext, path in groups[key].items()})
             if files.keys() & (want | {"text", "json", "instruction"}):
                 self.items.append((key, files))
         if not self.items:
-            raise DataError(f"no {task} samples under {self.root} (expected images with .txt/.json captions)")
+            raise DataError(f"no {self.task} samples under {self.root} (expected images with .txt/.json captions)")
 
     def _source_id(self) -> str:
         return f"folder({self.root.resolve()}, {len(self.items)} items, {self.task}, {self.resolution})"
@@ -113,10 +116,8 @@ class JsonlDataset(_ItemDataset):
 
     IMAGE_KEYS = ("file", "image", "path")
 
-    def __init__(self, manifest: str | os.PathLike, resolution: int = 256, task: str = "t2i", seed: int = 0,
-                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
-        super().__init__(task, resolution, seed, shuffle, rank, world_size)
-        self.manifest = Path(manifest)
+    def _index(self, manifest: Path) -> None:
+        self.manifest = manifest
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest {self.manifest} does not exist")
         self.base_dir = self.manifest.parent

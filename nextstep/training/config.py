@@ -102,7 +102,7 @@ class TrainSection:
     context_noise: float = 0.0
     sample_every: int = 0  # 0: only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
-    # How the sample grids are drawn: GenerationSettings overrides (e.g. {hw = [64, 64], cfg = 3.0});
+    # How the sample grids are drawn: GenerationSettings overrides (e.g. {hw = [64, 64]});
     # unset ones are the model's defaults (nextstep/settings.py).
     sample_settings: dict[str, Any] = field(default_factory=dict)
     tensorboard: bool = True

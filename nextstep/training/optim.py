@@ -44,7 +44,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, optim: OptimSection, ste
 
 
 def adamw(params: Iterable[torch.nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    for group in optimizer.param_groups:
+        # The key torch's LR schedulers add: model checkpoints of earlier versions (LambdaLR) carry
+        # it, and `distributed.load_checkpoint` (DCP) refuses keys the optimizer lacks.
+        group["initial_lr"] = optim.lr
+    return optimizer
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], optim: OptimSection) -> Tensor:
