@@ -22,6 +22,7 @@ from .config_file import build, read_toml
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
 NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
 SOURCE_KINDS = ("shapes", "files")
+SCHEDULES = ("constant", "cosine")  # the learning-rate schedules of nextstep.training.optim
 # Keys of earlier versions: old -> where it is now.
 RENAMED = {"sample_size": "train.sample_settings.hw = [S, S]", "sample_cfg": "train.sample_settings.cfg",
            "sample_steps": "train.sample_settings.num_sampling_steps"}
@@ -86,6 +87,24 @@ class OptimSection:
     grad_clip: float = 1.0
     grad_accum: int = 1
 
+    def problems(self) -> list[str]:
+        """What is wrong with this [optim] table, one 'optim.KEY=VALUE (why)' item per problem."""
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"optim.lr={self.lr} (must be > 0)")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"optim.schedule={self.schedule!r} (constant or cosine)")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"optim.{name}={getattr(self, name)} (must be >= 0)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"optim.min_lr_ratio={self.min_lr_ratio} (must be in [0, 1])")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"optim.betas={list(self.betas)} (two numbers in [0, 1))")
+        if self.grad_accum < 1:
+            problems.append(f"optim.grad_accum={self.grad_accum} (must be >= 1)")
+        return problems
+
 
 @dataclass
 class TrainSection:
@@ -144,7 +163,7 @@ class TrainConfig:
                               "(it is listed in the recipe so the stages keep their order)")
         problems = []
         for name, value in [("steps", self.steps), ("data.batch_size", self.data.batch_size),
-                            ("optim.grad_accum", self.optim.grad_accum), ("train.log_every", self.train.log_every),
+                            ("train.log_every", self.train.log_every),
                             ("train.checkpoint_every", self.train.checkpoint_every),
                             ("train.keep_last", self.train.keep_last)]:
             if value < 1:
@@ -155,10 +174,7 @@ class TrainConfig:
             GenerationSettings().with_overrides(**self.train.sample_settings)
         except (TypeError, ValueError) as e:
             problems.append(f"train.sample_settings: {e}")
-        if not self.optim.lr > 0:
-            problems.append(f"optim.lr={self.optim.lr} (must be > 0)")
-        if self.optim.schedule not in ("constant", "cosine"):
-            problems.append(f"optim.schedule={self.optim.schedule!r} (constant or cosine)")
+        problems += self.optim.problems()
         if self.train.precision not in TRAINING_PRECISIONS:
             problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
         if not 0 <= self.data.caption_dropout < 1:
@@ -166,7 +182,7 @@ class TrainConfig:
         if self.data.source_image not in SOURCE_IMAGE_PLACES:
             problems.append(f"data.source_image={self.data.source_image!r} (first or last)")
         per_step = world_size * self.optim.grad_accum
-        if self.data.batch_size % per_step:
+        if per_step >= 1 and self.data.batch_size % per_step:
             problems.append(f"data.batch_size={self.data.batch_size} is not divisible by "
                             f"{world_size} ranks x {self.optim.grad_accum} accumulation steps")
         if not self.data.sources:

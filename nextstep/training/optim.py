@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .config import OptimSection
 
-SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(step: int, optim: OptimSection, steps: int) -> float:
@@ -56,21 +55,3 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], optim: OptimSection) ->
     """Clip the gradients' total norm to `grad_clip` (0: leave them); returns the norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
 
-
-def optim_problems(optim: OptimSection) -> list[str]:
-    """What is wrong with an [optim] table, one 'optim.KEY=VALUE (why)' item per problem."""
-    o, problems = optim, []
-    if not o.lr > 0:
-        problems.append(f"optim.lr={o.lr} (must be > 0)")
-    if o.schedule not in SCHEDULES:
-        problems.append(f"optim.schedule={o.schedule!r} (constant or cosine)")
-    for name in ("warmup_steps", "weight_decay", "grad_clip"):
-        if not getattr(o, name) >= 0:
-            problems.append(f"optim.{name}={getattr(o, name)} (must be >= 0)")
-    if not 0 <= o.min_lr_ratio <= 1:
-        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} (must be in [0, 1])")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        problems.append(f"optim.betas={list(o.betas)} (two numbers in [0, 1))")
-    if o.grad_accum < 1:
-        problems.append(f"optim.grad_accum={o.grad_accum} (must be >= 1)")
-    return problems

@@ -20,7 +20,6 @@ from ..errors import ConfigError
 from ..vae.autoencoder import VAEConfig
 from .config import DataSource, OptimSection
 from .config_file import build, read_toml, to_dict
-from .optim import optim_problems
 
 # Keys that may change between a run and its resume without changing the steps already taken
 # (a new `steps` stretches the cosine schedule from the resumed step on).
@@ -113,7 +112,7 @@ class VAETrainConfig:
                             ("train.keep_last", self.train.keep_last)):
             if not value > 0:
                 raise ConfigError(f"config key {name!r} must be positive, got {value!r}")
-        problems = optim_problems(self.optim)
+        problems = self.optim.problems()
         if self.optim.grad_accum != 1:
             problems.append(f"optim.grad_accum={self.optim.grad_accum} (the VAE's loop takes 1 only)")
         if problems:
