@@ -36,7 +36,7 @@ from .sampling.autoregressive import generate_tokens
 from .sampling.requests import GenerationRequest, merge_requests
 from .settings import (DEFAULT_SEED, GENERATION_DEFAULTS_FILE, SEED_MODULUS, GenerationSettings,
                        read_generation_defaults)
-from .text import IMAGE_TAG, TextTokenizer, with_image_tag
+from .text import TextTokenizer, with_image_tag
 from .vae import AutoencoderKL
 
 DECODE_CHUNK = 8  # images per VAE decoder call (see decode_pixels)
@@ -284,5 +284,3 @@ class NextStepPipeline(RequestBuilder):
         # CPU: 1.26 s -> 0.61 s for 64, the same pixels).
         return torch.cat([self.vae.from_latents(chunk) for chunk in latents.split(DECODE_CHUNK)])
 
-
-__all__ = ["IMAGE_TAG", "SHIPPED_MODEL", "NextStepPipeline", "NextStepPipelineOutput", "seed_from"]

@@ -28,7 +28,7 @@ def test_shipped_model_is_complete_and_small():
 
 def test_loads_with_no_argument_and_uses_its_defaults(pipe):
     assert pipe.default_size == (64, 64)
-    assert pipe.generation_defaults["use_norm"] is True  # its VAE layer-normalises every token
+    assert pipe.settings.use_norm is True  # its VAE layer-normalises every token
     images = pipe("a red circle", num_images_per_prompt=2, generator=0).images
     assert [im.size for im in images] == [(64, 64), (64, 64)]
 

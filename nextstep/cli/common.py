@@ -104,7 +104,7 @@ def check_seed(seed: Any, where: str = "--seed") -> int:
 
 
 def load_pipeline(args: argparse.Namespace):
-    from ..pipeline import NextStepPipeline  # import torch only when a command runs
+    from ..pipeline import NextStepPipeline  # the model code loads only when a command runs
 
     return NextStepPipeline.from_pretrained(args.model, args.vae, device=args.device, dtype=args.dtype)
 
