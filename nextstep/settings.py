@@ -39,6 +39,14 @@ LOAD_KEYS = {"cpu_dtype": f"null or one of {list(DTYPE_NAMES)}"}
 RENAMED = {"context_noise": "context_noise_std"}  # older generation_defaults.json keys
 
 
+class InvalidSettings(ValueError):
+    """Bad generation settings; `names` are the settings at fault (the message says why for each)."""
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     hw: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's own size
@@ -63,10 +71,10 @@ class GenerationSettings:
         for name in ("negative_prompt", "positive_prompt"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, "")
-        problems = [f"{name}={getattr(self, name)!r} (must be {expected})"
-                    for name, (ok, expected) in _CHECKS.items() if not ok(getattr(self, name))]
-        if problems:
-            raise ValueError("invalid generation settings: " + "; ".join(problems))
+        bad = [name for name, (ok, _) in _CHECKS.items() if not ok(getattr(self, name))]
+        if bad:
+            problems = [f"{name}={getattr(self, name)!r} (must be {_CHECKS[name][1]})" for name in bad]
+            raise InvalidSettings("invalid generation settings: " + "; ".join(problems), bad)
         for name in ("cfg", "cfg_img", "timesteps_shift", "noise_level", "context_noise_std"):
             object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -283,6 +283,19 @@ def test_generate_batch(model: Path, work: Path, capsys: pytest.CaptureFixture) 
     assert same([s_], [t_]) and same([s_], [nine]) and not same([s_], [u_])
 
 
+def test_every_settings_flag_reaches_the_model(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    run_cli(["generate", "a red circle", "--model", model, "-o", "plain.png"], capsys)
+    flags = [["--cfg", "5"], ["--steps", "6"], ["--shift", "3"], ["--sampler", "ode"], ["--noise-level", "0.3",
+             "--sampler", "sde"], ["--use-norm"], ["--cfg-schedule", "linear"], ["--context-noise-std", "0.5"],
+             ["--negative-prompt", "a square"], ["--positive-prompt", "on a dark background"]]
+    for i, flag in enumerate(flags):
+        code, _, _ = run_cli(["generate", "a red circle", "--model", model, "-o", f"f{i}.png", *flag], capsys)
+        assert code == 0 and not same([Image.open(work / "plain.png")], [Image.open(work / f"f{i}.png")]), flag
+    # --noise-level moves the sde sampler's images, not just the change of sampler
+    run_cli(["generate", "a red circle", "--model", model, "-o", "sde.png", "--sampler", "sde"], capsys)
+    assert not same([Image.open(work / "sde.png")], [Image.open(work / "f4.png")])
+
+
 # ---------------------------------------------------------------------- edit
 def test_edit_single(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
     source_image(128).save(work / "src.png")  # not the model's size: resized to 64

@@ -107,6 +107,13 @@ def test_the_cli_the_api_and_pipe_give_the_same_pngs(client, served, tmp_path):
     assert len(set(cli)) == n  # and they are n different images
 
 
+def test_every_setting_reaches_the_model(client):
+    plain = generate(client, "a red circle", seed=3)
+    for extra in ({"timesteps_shift": 3.0}, {"sampler": "ode"}, {"use_norm": False}, {"cfg_schedule": "linear"},
+                  {"context_noise_std": 0.5}, {"positive_prompt": "on a dark background"}):
+        assert generate(client, "a red circle", seed=3, **extra) != plain, extra
+
+
 def test_the_openai_client_edits_an_image(client):
     def edit(seed: int) -> list[str]:
         r = client.images.edit(image=("source.png", source_png(), "image/png"), prompt="make the red circle blue",
@@ -144,6 +151,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
     ({"prompt": "a circle", "cfg": 0.5}, 400, "cfg"),
     ({"prompt": "a circle", "steps": 1}, 400, "steps"),
     ({"prompt": "a circle", "seed": -1}, 400, "seed"),
+    ({"prompt": "a circle", "timesteps_shift": 0}, 400, "timesteps_shift"),
+    ({"prompt": "a circle", "noise_level": 2}, 400, "noise_level"),
+    ({"prompt": "a circle", "sampler": "heun"}, 422, "sampler"),
     ({"prompt": "a circle", "n": "many"}, 422, "n"),
     ({"prompt": "a circle", "response_format": "url"}, 422, "response_format"),
     ({"n": 1}, 422, "prompt"),

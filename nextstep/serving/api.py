@@ -31,7 +31,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..settings import SEED_MODULUS, GenerationSettings, parse_size
+from ..settings import SEED_MODULUS, GenerationSettings, InvalidSettings, parse_size
 from .engine import Engine, QueueFull
 
 
@@ -185,8 +185,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
     def settings_for(size: str | None, steps: int | None, **given: Any) -> GenerationSettings:
         try:
             return pipe.settings.with_overrides(hw=size_of(size), num_sampling_steps=steps, **given)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except InvalidSettings as e:
+            raise APIError(400, str(e), ",".join("steps" if n == "num_sampling_steps" else n for n in e.names)) \
+                from None
 
     def check_common(prompt: str, n: int, negative_prompt: str | None, cfg: float | None, steps: int | None,
                      seed: int | None) -> None:
