@@ -240,26 +240,22 @@ class NextStepPipeline(RequestBuilder):
         source image (editing). `sde_type` is the sampler. Arguments left unset take the model's
         generation defaults (`pipe.settings`), as `pipe(...)` does.
         """
-        request = self.official_request(captions, images, num_images_per_caption, positive_prompt, negative_prompt,
-                                        hw, use_norm, cfg, cfg_img, cfg_schedule, timesteps_shift,
-                                        num_sampling_steps, seed, sde_type, noise_level, context_noise_std)
+        request = self.official_request(
+            captions, images, num_images_per_caption, seed, sde_type, positive_prompt=positive_prompt,
+            negative_prompt=negative_prompt, hw=hw, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img,
+            cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift, num_sampling_steps=num_sampling_steps,
+            noise_level=noise_level, context_noise_std=context_noise_std)
         return self.decode_tokens(self.sample_tokens(request, progress=progress), request.grid)
 
     def official_request(self, captions: str | Sequence[str], images: Any = None, num_images_per_caption: int = 1,
-                         positive_prompt: str | None = None, negative_prompt: str | None = None,
-                         hw: tuple[int, int] | None = None, use_norm: bool | None = None, cfg: float | None = None,
-                         cfg_img: float | None = None, cfg_schedule: str | None = None,
-                         timesteps_shift: float | None = None, num_sampling_steps: int | None = None,
-                         seed: int | None = None, sde_type: str | None = None, noise_level: float | None = None,
-                         context_noise_std: float | None = None) -> GenerationRequest:
-        """`generate_image`'s arguments as a prepared request (for tests and tools that inspect one)."""
-        if images is None and cfg_img not in (None, 1):
+                         seed: int | None = None, sde_type: str | None = None, **settings: Any) -> GenerationRequest:
+        """`generate_image`'s arguments (but `progress`) as a prepared request, for tests and tools
+        that inspect one. `settings` are `GenerationSettings` fields; None leaves one unset."""
+        if images is None and settings.get("cfg_img") not in (None, 1):
             raise ValueError("cfg_img guides by a source image: pass images= (editing) or leave cfg_img=1")
-        s = self.settings.with_overrides(
-            positive_prompt=positive_prompt, negative_prompt=negative_prompt,
-            hw=tuple(hw) if hw is not None else None, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img,
-            cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift, num_sampling_steps=num_sampling_steps,
-            sampler=sde_type, noise_level=noise_level, context_noise_std=context_noise_std)
+        if settings.get("hw") is not None:
+            settings["hw"] = tuple(settings["hw"])
+        s = self.settings.with_overrides(sampler=sde_type, **settings)
         return self.prepare(captions, images, num_images_per_caption, DEFAULT_SEED if seed is None else seed, s)
 
     def sample_tokens(self, request: GenerationRequest, progress: bool = False,

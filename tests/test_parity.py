@@ -57,9 +57,9 @@ def test_prompt_tokens(pipe, cases10, expected10, name):
                                             cfg_img=args["cfg_img"])
     rows, _, _ = pipe.prompt_rows(captions, images, args["num_images_per_caption"], settings)
     assert rows == cases10[name]["built_caption_strings"]
-    request = pipe.official_request(args["captions"], images, args["num_images_per_caption"], args["positive_prompt"],
-                                    args["negative_prompt"], tuple(args["hw"]), cfg=args["cfg"],
-                                    cfg_img=args["cfg_img"])
+    request = pipe.official_request(args["captions"], images, args["num_images_per_caption"],
+                                    positive_prompt=args["positive_prompt"], negative_prompt=args["negative_prompt"],
+                                    hw=args["hw"], cfg=args["cfg"], cfg_img=args["cfg_img"])
     assert torch.equal(request.input_ids, expected10[f"{name}/input_ids"])
     assert torch.equal(request.attention_mask, expected10[f"{name}/attention_mask"])
 

@@ -45,8 +45,9 @@ def test_tokenize(pipe, cases11, expected11, name):
                                             cfg=a["cfg"], cfg_img=a["cfg_img"])
     rows, _, _ = pipe.prompt_rows(a["captions"], None, a["num_images_per_caption"], settings)
     assert rows == cases11[name]["built_captions"]
-    request = pipe.official_request(a["captions"], None, a["num_images_per_caption"], a["positive_prompt"],
-                                    a["negative_prompt"], tuple(a["hw"]), cfg=a["cfg"], cfg_img=a["cfg_img"])
+    request = pipe.official_request(a["captions"], None, a["num_images_per_caption"],
+                                    positive_prompt=a["positive_prompt"], negative_prompt=a["negative_prompt"],
+                                    hw=a["hw"], cfg=a["cfg"], cfg_img=a["cfg_img"])
     e = tensors(expected11, name)
     assert torch.equal(request.input_ids, e["input_ids"])
     assert torch.equal(request.attention_mask, e["attention_mask"])
