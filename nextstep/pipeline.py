@@ -200,7 +200,7 @@ class NextStepPipeline(RequestBuilder):
             length = self.prompt_length(p, None if images is None else images[i], s)
             jobs.setdefault(length, []).extend((i, k) for k in range(n))
         done: dict[int, dict[int, Image.Image]] = {i: {} for i in range(len(prompts))}
-        with tqdm(total=len(prompts) * n, unit="image", disable=not progress) as bar:
+        with tqdm(total=len(prompts) * n, unit="image", disable=None if progress else True) as bar:  # None: TTY only
             for same_length in jobs.values():
                 for start in range(0, len(same_length), batch_images):
                     batch = same_length[start:start + batch_images]

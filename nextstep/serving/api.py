@@ -290,9 +290,10 @@ def largest_side(engine: Engine) -> int:
     """Twice the model's default side, shrunk until an edit of a square that size fits the
     model's positions (source and target tokens plus the longest prompt)."""
     pipe, f = engine.pipe, engine.pipe.down_factor
+    positions = pipe.model.config.max_position_embeddings
     side = 2 * max(pipe.default_size)
     while side > f:
-        if engine.longest_prompt((side, side), edit=True) + (side // f) ** 2 <= pipe.model.config.max_position_embeddings:
+        if engine.longest_prompt((side, side), edit=True) + (side // f) ** 2 <= positions:
             break
         side -= f
     return side
