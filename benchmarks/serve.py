@@ -5,20 +5,26 @@
 Starts the server in a subprocess on a free loopback port, then:
 1. 8 requests one after another (each waits for the previous): the unbatched baseline;
 2. 1, 8 and 32 requests fired at once: images/s and p50/p95 latency;
-3. with --soak S: 32 clients sending requests back to back for S seconds, counting answers by
-   status (only 200 and 503 'busy' are acceptable) and sampling the server's memory (RSS) each second.
-Each request asks for one 64x64 image with the model's default settings and its own seed.
+3. with --soak S: 32 clients sending requests back to back for S seconds, one request in ten
+   hostile (a bad size, text full of the tokenizer's special tokens, a decompression-bomb upload,
+   a client that hangs up before its answer). It counts answers by status for the good and the
+   hostile requests (no 5xx but 503 'busy' is acceptable; every good request gets 200 or 503) and
+   compares the server's memory (RSS) over the first and the last 5 s (within 5%).
+Each good request asks for one 64x64 image with the model's default settings and its own seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,21 +59,51 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def bomb_png(side: int = 20000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels (over a gigabyte once decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def hostile(url: str, i: int) -> int | str:
+    """One hostile request, by i: its status, or "hung up" for a client that left early."""
+    gen = url + "/v1/images/generations"
+    kind = i % 4
+    if kind == 0:
+        return httpx.post(gen, timeout=300, json={"prompt": "a red circle", "size": "63x65"}).status_code
+    if kind == 1:
+        text = ("<image> <|begin_of_image|><|image_area|><|image_placeholder|><|end_of_image|> a red circle "
+                "<|im_end|><|im_start|> <|endoftext|>")
+        return httpx.post(gen, timeout=300, json={"prompt": text, "negative_prompt": text, "seed": i}).status_code
+    if kind == 2:
+        return httpx.post(url + "/v1/images/edits", timeout=300, data={"prompt": "make it blue"},
+                          files={"image": ("bomb.png", bomb_png(), "image/png")}).status_code
+    try:
+        return httpx.post(gen, timeout=0.05, json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}).status_code
+    except httpx.TimeoutException:
+        return "hung up"
+
+
 def soak(url: str, pid: int, seconds: float, clients: int = 32) -> None:
     stop = time.monotonic() + seconds
-    counts: dict[int, int] = {}
+    counts: dict[str, dict] = {"good": {}, "hostile": {}}
     lock = threading.Lock()
     memory: list[float] = []
 
     def client(k: int) -> None:
+        rng = random.Random(k)
         i = 10_000 * (k + 1)
         while time.monotonic() < stop:
+            kind = "hostile" if rng.random() < 0.1 else "good"
             try:
-                status, _ = post(url, i)
-            except httpx.HTTPError:
-                status = -1  # no answer at all
+                status = hostile(url, i) if kind == "hostile" else post(url, i)[0]
+            except httpx.HTTPError as e:
+                status = type(e).__name__  # no answer at all
             with lock:
-                counts[status] = counts.get(status, 0) + 1
+                counts[kind][status] = counts[kind].get(status, 0) + 1
             i += 1
 
     def sample() -> None:
@@ -81,11 +117,17 @@ def soak(url: str, pid: int, seconds: float, clients: int = 32) -> None:
         list(pool.map(client, range(clients)))
     sampler.join()
     first, last = statistics.mean(memory[:5]), statistics.mean(memory[-5:])
-    print(f"soak, {clients} clients for {seconds:g} s: answers by status {dict(sorted(counts.items()))}")
-    print(f"server RSS: first 5 s {first:.0f} MiB, last 5 s {last:.0f} MiB ({last - first:+.0f} MiB), "
-          f"peak {rss_mib(pid)[1]:.0f} MiB")
-    bad = {s: c for s, c in counts.items() if s not in (200, 503)}
-    print("every request got its image or a 503:", "yes" if not bad else f"NO ({bad})")
+    key = lambda item: str(item[0])  # noqa: E731 - statuses are ints and strings
+    print(f"soak, {clients} clients for {seconds:g} s, 1 request in 10 hostile:")
+    for kind in ("good", "hostile"):
+        print(f"  {kind} answers by status: {dict(sorted(counts[kind].items(), key=key))}")
+    errors = {s: c for kind in counts for s, c in counts[kind].items() if isinstance(s, int) and s >= 500 and s != 503}
+    failed = {s: c for s, c in counts["good"].items() if s not in (200, 503)}
+    print(f"  5xx other than 503: {sum(errors.values())} {errors or ''}")
+    print(f"  good requests that failed: {sum(failed.values())} {failed or ''}")
+    change = (last - first) / first
+    print(f"server RSS: first 5 s {first:.0f} MiB, last 5 s {last:.0f} MiB ({change:+.1%}; within 5%: "
+          f"{'yes' if abs(change) <= 0.05 else 'NO'}), peak {rss_mib(pid)[1]:.0f} MiB")
 
 
 def main() -> int:

@@ -10,6 +10,12 @@ in `pipe(...)`, the CLI, the server and the benchmarks alike (`generate`).
 `generate_image` keeps the official signature and sampling order, so scripts
 written for the official pipeline port by changing one import (see
 docs/differences.md for where we do the right thing or raise instead).
+
+Prompts are plain text in `pipe(...)` and `generate` (what the CLI, the server
+and the benchmarks call): a prompt that spells a special token or `<image>`
+gets ordinary text tokens, and an edit's source image goes where
+`settings.source_image` says. `generate_image` reads captions as markup, as
+the official code does.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ class NextStepPipeline(RequestBuilder):
         return self.settings.hw
 
     def edit_prompt(self, instruction: str, settings: GenerationSettings | None = None) -> str:
-        """An edit instruction with its `<image>` slot where this model was trained to see it."""
+        """A markup edit caption (for `generate_image`): the instruction with its `<image>` slot where
+        this model was trained to see it. `pipe(...)` and `generate` place the source themselves."""
         return with_image_tag(instruction, (settings or self.settings).source_image)
 
     # ------------------------------------------------------------------ loading
@@ -170,7 +177,8 @@ class NextStepPipeline(RequestBuilder):
                  seeds: Sequence[int] | None = None, n: int = 1, images: Sequence[Image.Image] | None = None,
                  batch_images: int = BATCH_IMAGES, progress: bool = False) -> list[list[Image.Image]]:
         """n images for each prompt (with `images`: each prompt edits its source image), image k of
-        prompt i being the image of seed `seeds[i] + k`. Returns them grouped per prompt."""
+        prompt i being the image of seed `seeds[i] + k`. Returns them grouped per prompt. Prompts are
+        plain text; an edit's source image goes where `settings.source_image` says."""
         out: list[list[Image.Image]] = [[] for _ in prompts]
         for i, group in self.iter_generate(prompts, settings, seeds, n, images, batch_images, progress):
             out[i] = group
@@ -187,9 +195,8 @@ class NextStepPipeline(RequestBuilder):
         an image is the same whatever else is generated with it, or in what order."""
         s = settings or self.settings
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if images is not None:  # each instruction gets its <image> slot unless it places it itself
-            prompts = [self.edit_prompt(p, s) if isinstance(p, str) else p for p in prompts]
-        prompts, images = self.check_inputs(prompts, images, n, s)
+        # Plain text: users' prompts cannot spell special tokens or place the source image.
+        prompts, images = self.check_inputs(prompts, images, n, s, plain=True)
         seeds = [DEFAULT_SEED] * len(prompts) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -197,7 +204,7 @@ class NextStepPipeline(RequestBuilder):
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
         jobs: dict[int, list[tuple[int, int]]] = {}  # prompt length -> [(prompt, k)], in order
         for i, p in enumerate(prompts):
-            length = self.prompt_length(p, None if images is None else images[i], s)
+            length = self.prompt_length(p, None if images is None else images[i], s, plain=True)
             jobs.setdefault(length, []).extend((i, k) for k in range(n))
         done: dict[int, dict[int, Image.Image]] = {i: {} for i in range(len(prompts))}
         with tqdm(total=len(prompts) * n, unit="image", disable=None if progress else True) as bar:  # None: TTY only
@@ -205,7 +212,7 @@ class NextStepPipeline(RequestBuilder):
                 for start in range(0, len(same_length), batch_images):
                     batch = same_length[start:start + batch_images]
                     requests = [self.prepare(prompts[i], None if images is None else images[i], 1,
-                                             (seeds[i] + k) % SEED_MODULUS, s) for i, k in batch]
+                                             (seeds[i] + k) % SEED_MODULUS, s, plain=True) for i, k in batch]
                     merged = merge_requests(requests)
                     for (i, k), im in zip(batch, self.decode_tokens(self.sample_tokens(merged), merged.grid)):
                         done[i][k] = im

@@ -5,6 +5,12 @@ Prompt rows are built as the official pipelines build them: [cond; uncond_1;
 randomness (the source images' posterior samples, then every token's noise) is
 drawn up front from one CPU generator seeded with the seed, in the order the
 reference draws it, so the token loop draws nothing.
+
+Captions are read one of two ways. By default (the official calls) they are
+markup: special tokens are parsed and an edit caption's `<image>` becomes its
+source image, as official scripts expect. With `plain=True` (`pipe(...)`, the
+CLI and the server: text typed by users) captions, negative and positive
+prompts are plain text, and each source image goes where `source_image` says.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from .model.pos_embed import sincos_2d
 from .sampling import FlowSampler
 from .sampling.requests import GenerationRequest, guidance_schedule
 from .settings import GenerationSettings
-from .text import IMAGE_TAG, TextTokenizer, image_block, image_prefix
+from .text import IMAGE_TAG, Plain, Row, TextTokenizer, image_block, image_prefix
 from .vae import AutoencoderKL, DiagonalGaussian
 
 
@@ -51,19 +57,25 @@ class RequestBuilder:
         """Pixels per image token along each side (16 for f8 latents in 2x2 patches)."""
         return self.vae.down_factor * self.model.config.latent_patch_size
 
-    def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int, s: GenerationSettings
-                    ) -> tuple[list[str], list[Image.Image], int]:
-        """The prompt text of every row, the source image of every row that has one, and the
-        number of guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each."""
+    def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int, s: GenerationSettings,
+                    plain: bool = False) -> tuple[list[Row], list[Image.Image], int]:
+        """The prompt of every row, the source image of every row that has one, and the number of
+        guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each. Markup rows
+        are strings; `plain` rows are pieces (see `Row`) in which user text is `Plain`."""
         edit = images is not None
         groups = 3 if edit and s.cfg_img != 1 else 2 if s.cfg != 1 else 1
-        suffix = f" {s.positive_prompt}" if s.positive_prompt else ""
-        negative = s.negative_prompt
         cond = [c for c in captions for _ in range(n)]
         row_images = [im for im in images for _ in range(n)] if edit else []
-        rows = [self._with_image(c, row_images[i] if edit else None) + suffix for i, c in enumerate(cond)]
-        if groups == 3:  # uncond_1 keeps the source image but not the text; uncond_2 drops both
-            rows += [image_block(*self._grid(im)) + negative for im in row_images] + [negative] * len(cond)
+        rows = [self._cond_row(c, row_images[i] if edit else None, s, plain) for i, c in enumerate(cond)]
+        # uncond_1 keeps the source image but not the text; uncond_2 drops both
+        if plain:
+            negative: Row = (Plain(s.negative_prompt),)
+            with_source = [(image_block(*self._grid(im)), *negative) for im in row_images]
+        else:
+            negative = s.negative_prompt
+            with_source = [image_block(*self._grid(im)) + negative for im in row_images]
+        if groups == 3:
+            rows += with_source + [negative] * len(cond)
             row_images = row_images + row_images
         elif groups == 2:
             rows += [negative] * len(cond)
@@ -73,23 +85,25 @@ class RequestBuilder:
         h_tok, w_tok = s.hw[0] // self.down_factor, s.hw[1] // self.down_factor
         return self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)))
 
-    def prompt_length(self, caption: str, image: Image.Image | None, s: GenerationSettings) -> int:
+    def prompt_length(self, caption: str, image: Image.Image | None, s: GenerationSettings,
+                      plain: bool = False) -> int:
         """Tokens in the prompt rows of one image of `caption` (requests merge only at equal length)."""
-        rows, _, _ = self.prompt_rows([caption], None if image is None else [image], 1, s)
+        rows, _, _ = self.prompt_rows([caption], None if image is None else [image], 1, s, plain)
         return self._rows_to_ids(rows, s)[0].shape[1]
 
     def prepare(self, captions: str | Sequence[str], images: Image.Image | Sequence[Image.Image] | None,
-                n: int, seed: int, s: GenerationSettings) -> GenerationRequest:
+                n: int, seed: int, s: GenerationSettings, plain: bool = False) -> GenerationRequest:
         """Check the inputs and build everything the token loop needs (prompt ids, source latents,
-        noise), drawing all randomness from one CPU generator seeded with `seed`."""
-        captions, images = self.check_inputs(captions, images, n, s)
+        noise), drawing all randomness from one CPU generator seeded with `seed`. `plain`: the
+        captions are user text (see the module's docstring)."""
+        captions, images = self.check_inputs(captions, images, n, s, plain)
         family = FAMILIES[self.model.config.family]
         flow = FlowSampler(s.sampler or family.default_sampler, s.num_sampling_steps, s.timesteps_shift,
                            s.noise_level)
         config = self.model.config
         h_tok, w_tok = s.hw[0] // self.down_factor, s.hw[1] // self.down_factor
         n_tokens = h_tok * w_tok
-        rows, row_images, groups = self.prompt_rows(captions, images, n, s)
+        rows, row_images, groups = self.prompt_rows(captions, images, n, s, plain)
         input_ids, attention_mask = self._rows_to_ids(rows, s)
         if input_ids.shape[1] + n_tokens > config.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
@@ -119,8 +133,10 @@ class RequestBuilder:
                                  flow, (h_tok, w_tok), pos_embed, s.use_norm)
 
     def check_inputs(self, captions: str | Sequence[str], images: Image.Image | Sequence[Image.Image] | None,
-                     n: int, s: GenerationSettings) -> tuple[list[str], list[Image.Image] | None]:
-        """Captions and images as lists, after checking they fit each other, `n` and this model."""
+                     n: int, s: GenerationSettings, plain: bool = False
+                     ) -> tuple[list[str], list[Image.Image] | None]:
+        """Captions and images as lists, after checking they fit each other, `n` and this model.
+        Markup captions place their source image with one `<image>`; `plain` ones never do."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         if images is not None:
             images = [images] if isinstance(images, Image.Image) else list(images)
@@ -133,14 +149,14 @@ class RequestBuilder:
         f = self.down_factor
         if s.hw is None or any(side < f or side % f for side in s.hw):
             raise ValueError(f"hw={s.hw}: height and width must be positive integer multiples of {f}")
-        tags = [c.count(IMAGE_TAG) for c in captions]
+        tags = [0 if plain else c.count(IMAGE_TAG) for c in captions]
         if images is None:
             if any(tags):
                 raise ValueError(f"a caption contains {IMAGE_TAG} but no images were given")
             return captions, None
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images for {len(captions)} captions: give one source image per caption")
-        if any(t != 1 for t in tags):
+        if not plain and any(t != 1 for t in tags):
             raise ValueError(f"with images, every caption must contain exactly one {IMAGE_TAG} "
                              f"(counts: {tags})")
         for im in images:
@@ -155,8 +171,18 @@ class RequestBuilder:
     def _grid(self, image: Image.Image) -> tuple[int, int]:
         return image.height // self.down_factor, image.width // self.down_factor
 
-    def _with_image(self, caption: str, image: Image.Image | None) -> str:
-        return caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))
+    def _cond_row(self, caption: str, image: Image.Image | None, s: GenerationSettings, plain: bool) -> Row:
+        """The conditional row of `caption`, followed by the positive prompt."""
+        suffix = f" {s.positive_prompt}" if s.positive_prompt else ""
+        if not plain:  # markup: the caption's <image> becomes the source image
+            return (caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))) + suffix
+        if image is None:
+            return (Plain(caption + suffix),)
+        # The source image is a piece of its own, never found by searching the user's text.
+        block = image_block(*self._grid(image))
+        if s.source_image == "first":
+            return (block, Plain(caption + suffix))
+        return (Plain(caption), block, Plain(suffix))  # "last": where `with_image_tag` puts it
 
     @torch.inference_mode()
     def _encode(self, row_images: list[Image.Image], generator: torch.Generator) -> Tensor | list[Tensor]:

@@ -61,7 +61,7 @@ class GenerationSettings:
     # Std of the noise on each sampled token where the decoder reads it back (the image gets the
     # clean token): for models trained with `train.context_noise`, whose noise std is drawn up to it.
     context_noise_std: float = 0.0
-    source_image: str = "first"  # edits: where an instruction without <image> gets its source image
+    source_image: str = "first"  # edits: where the instruction sees its source image
     negative_prompt: str = ""  # the unconditional rows' text
     positive_prompt: str = ""  # appended to every caption
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,7 +13,7 @@ import httpx
 
 from nextstep import NextStepPipeline
 from nextstep.serving import Engine
-from nextstep.serving.api import Limits, create_app, with_body_limit
+from nextstep.serving.api import Limits, Metrics, create_app
 
 API_KEY = "test-key"
 STEPS = 4  # flow steps per token in the tests: enough to make real images, fast on the CPU
@@ -23,6 +23,7 @@ STEPS = 4  # flow steps per token in the tests: enough to make real images, fast
 class Served:
     url: str
     engine: Engine
+    port: int
 
 
 def free_port() -> int:
@@ -43,23 +44,26 @@ def wait_until_healthy(url: str, seconds: float) -> None:
 
 
 @contextmanager
-def serve(pipe: NextStepPipeline | None = None, api_key: str | None = API_KEY, slots: int = 4,
-          max_queue: int = 32, gather_s: float = 0.05, limits: Limits | None = None) -> Iterator[Served]:
+def serve(pipe: NextStepPipeline | None = None, api_key: str | list[str] | None = API_KEY, slots: int = 4,
+          max_queue: int = 32, gather_s: float = 0.05, limits: Limits | None = None,
+          allowed_hosts: Iterable[str] = (), cors_origins: Iterable[str] = ()) -> Iterator[Served]:
     import uvicorn
 
     pipe = pipe or NextStepPipeline.from_pretrained()
-    engine = Engine(pipe, slots=slots, max_queue=max_queue, gather_s=gather_s)
+    metrics = Metrics()
+    engine = Engine(pipe, slots=slots, max_queue=max_queue, gather_s=gather_s, on_batch=metrics.on_batch)
     limits = limits or Limits(max_body_bytes=256 * 1024)
-    app = create_app(engine, api_key=api_key, limits=limits)
-    asgi = with_body_limit(app, limits)
+    keys = [] if api_key is None else [api_key] if isinstance(api_key, str) else api_key
+    app = create_app(engine, api_keys=keys, limits=limits, host="127.0.0.1", allowed_hosts=allowed_hosts,
+                     cors_origins=cors_origins, metrics=metrics)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, 10)
     try:
-        yield Served(url, engine)
+        yield Served(url, engine, port)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

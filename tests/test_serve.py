@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from openai import OpenAI
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from nextstep import NextStepPipeline
-from nextstep.io.images import pixels_to_pil
+from nextstep.io.images import ImageTooLarge, load_rgb, pixels_to_pil
 from nextstep.serving.api import Limits
 from nextstep.shapes.dataset import ShapesDataset
 
-from .serving import API_KEY, STEPS, serve
+from .serving import API_KEY, STEPS, free_port, serve, wait_until_healthy
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +37,7 @@ def pipe() -> NextStepPipeline:
 
 @pytest.fixture(scope="module")
 def served(pipe):
-    with serve(pipe) as s:
+    with serve(pipe, allowed_hosts=["nextstep.test"], cors_origins=["http://app.test"]) as s:
         yield s
 
 
@@ -127,7 +138,8 @@ def test_the_openai_client_edits_an_image(client):
 
 
 def test_health_needs_no_key_and_the_rest_does(served):
-    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}  # it tells nothing to anyone
+    assert httpx.get(served.url + "/metrics").status_code == 401
     assert "<form" in httpx.get(served.url + "/").text
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         r = httpx.post(served.url + "/v1/images/generations", json={"prompt": "a circle"}, headers=headers)
@@ -197,11 +209,30 @@ def test_a_full_queue_and_a_timeout_get_503_with_retry_after(pipe):
         assert httpx.get(s.url + "/health").status_code == 200  # the server lives on
 
 
-def test_serve_refuses_a_bad_port(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+    (["--api-key-file", "{tmp}/empty"], "holds no key"),
+    (["--api-key-file", "{tmp}/missing"], "does not exist"),
+    (["--api-key", ""], "may not be empty"),
+    (["--cors-origin", "app.example.com"], "scheme://host"),
+    (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+])
+def test_serve_refuses_bad_options(capsys, tmp_path, args, message):
     from nextstep.cli import main
 
-    assert main(["serve", "--port", "70000"]) == 2
-    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("# no keys yet\n\n")
+    assert main(["serve", *(a.format(tmp=tmp_path) for a in args)]) == 2  # before loading any model
+    assert message in capsys.readouterr().err
+
+
+def test_the_names_a_server_answers_for():
+    from nextstep.serving.api import host_name, hosts_for
+
+    assert hosts_for("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
+    assert hosts_for("0.0.0.0", ["Images.Example.com"]) == {"0.0.0.0", "localhost", "127.0.0.1", "::1",
+                                                            "images.example.com"}
+    assert hosts_for("10.0.0.5") == {"10.0.0.5"}
+    assert [host_name(h) for h in ("a.test:80", "A.test", "[::1]:8000", "::1")] == ["a.test", "a.test", "::1", "::1"]
 
 
 def test_a_job_that_fails_fails_alone(served, monkeypatch):
@@ -219,3 +250,247 @@ def test_a_job_that_fails_fails_alone(served, monkeypatch):
                              ["a boom circle", "a red circle"])
     assert bad.status_code == 400 and "cannot be drawn" in bad.json()["error"]["message"]
     assert good.status_code == 200 and len(good.json()["data"]) == 1
+
+
+def test_a_job_that_breaks_gets_500_in_openai_shape(served, monkeypatch):
+    def broken(job):
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(served.engine, "_prepare", broken)
+    r = httpx.post(served.url + "/v1/images/generations", headers=AUTH, timeout=60,
+                   json={"prompt": "a red circle", "seed": 1, "steps": STEPS})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "fell over" in error["message"]
+
+
+# ---------------------------------------------------------------- Host, Origin and CORS
+
+def error_code(r: httpx.Response) -> str:
+    return r.json()["error"]["code"]
+
+
+@pytest.mark.parametrize("host, status", [
+    ("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("LocalHost", 200), ("nextstep.test:{port}", 200),
+    ("evil.example:{port}", 421), ("evil.example", 421), ("127.0.0.1.evil.example", 421), ("", 421),
+])
+def test_the_host_header_must_name_this_server(served, host, status):
+    """A page on evil.example whose name re-resolves to 127.0.0.1 (DNS rebinding) sends its own name."""
+    r = httpx.get(served.url + "/health", headers={"Host": host.format(port=served.port)})
+    assert r.status_code == status, r.text
+    if status != 200:
+        assert error_code(r) == "invalid_host" and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_cross_origin_form_post_is_refused_before_any_work(served):
+    """A "simple" request needs no preflight, so a page elsewhere could POST a form at us: refused,
+    before the body is read (a body over the cap still gets 403, not 413) and before any model call."""
+    images = served.engine.images
+    for body in (b"x" * 1000, b"x" * 300_000):
+        r = httpx.post(served.url + "/v1/images/edits", content=body, headers={
+            **AUTH, "Origin": "http://evil.example", "Content-Type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 403 and error_code(r) == "origin_refused"
+        assert "access-control-allow-origin" not in r.headers
+    r = httpx.post(served.url + "/v1/images/generations", headers={**AUTH, "Origin": "null"},
+                   json={"prompt": "a red circle", "steps": STEPS})
+    assert r.status_code == 403
+    assert served.engine.images == images
+
+
+def test_same_origin_and_allowed_origins_pass(served):
+    body = {"prompt": "a red circle", "seed": 2, "steps": STEPS, "size": "64x64"}
+    same = httpx.post(served.url + "/v1/images/generations", headers={**AUTH, "Origin": served.url}, json=body,
+                      timeout=60)
+    assert same.status_code == 200 and "access-control-allow-origin" not in same.headers
+    preflight = httpx.options(served.url + "/v1/images/generations", headers={
+        "Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "http://app.test"
+    assert {"POST"} <= set(map(str.strip, preflight.headers["access-control-allow-methods"].split(",")))
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    allowed = httpx.post(served.url + "/v1/images/generations", headers={**AUTH, "Origin": "http://app.test"},
+                         json=body, timeout=60)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.test"
+    assert allowed.json()["data"] == same.json()["data"]
+    refused = httpx.options(served.url + "/v1/images/generations", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+
+
+def test_several_api_keys(pipe):
+    with serve(pipe, api_key=["first-key", "second-key"]) as s:
+        for key, status in (("first-key", 200), ("second-key", 200), ("third-key", 401), ("first-ke", 401)):
+            assert httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == status
+
+
+# ---------------------------------------------------------------- uploads
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header says width x height: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def memory_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize("side", [5000, 20000])  # over our cap; 20000 is over PIL's own too
+def test_a_decompression_bomb_is_refused_without_decoding(served, side):
+    bomb = png_claiming(side, side)
+    assert len(bomb) < 200
+    peak = memory_kib("VmHWM")
+    r = httpx.post(served.url + "/v1/images/edits", headers=AUTH, data={"prompt": "make the red circle blue"},
+                   files={"image": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413 and error_code(r) == "image_too_large" and r.json()["error"]["param"] == "image"
+    assert memory_kib("VmHWM") - peak < 50 * 1024  # the server runs in this process: its peak did not move
+
+
+def picture_in(mode: str) -> tuple[bytes, Image.Image]:
+    """An upload in `mode` and the RGB image it should be read as (PIL's convert, as the CLI does)."""
+    source = Image.open(io.BytesIO(source_png()))
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257)  # 16-bit grey
+    else:
+        im = source.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+    return buf.getvalue(), Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "I;16", "1"])
+def test_the_cli_and_the_server_read_every_mode_alike(mode, tmp_path):
+    from nextstep.cli.edit import read_source
+
+    data, expected = picture_in(mode)
+    (tmp_path / "in").write_bytes(data)
+    assert load_rgb(data).tobytes() == expected.tobytes()
+    assert read_source(tmp_path / "in", (64, 64)).tobytes() == expected.tobytes()
+
+
+def test_an_animation_gives_its_first_frame(served):
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "green")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    first = load_rgb(buf.getvalue())
+    assert first.mode == "RGB" and first.getpixel((5, 5))[0] > 200 > max(first.getpixel((5, 5))[1:])  # red
+    with pytest.raises(ImageTooLarge):
+        load_rgb(png_claiming(100, 100), max_pixels=99 * 100)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "I;16"])
+def test_edits_take_any_mode(client, mode):
+    data, _ = picture_in(mode)
+    r = client.images.edit(image=("in.png", data, "image/png"), prompt="make the red circle blue", n=1,
+                           size="64x64", response_format="b64_json", extra_body={"seed": 1, "steps": STEPS})
+    assert decode(r.data[0].b64_json).size == (64, 64)
+
+
+# ---------------------------------------------------------------- metrics
+
+def scrape(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    r = httpx.get(url + "/metrics", headers=headers or {})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_what_was_asked(pipe):
+    with serve(pipe) as s:
+        gen = s.url + "/v1/images/generations"
+        for seed in range(3):
+            assert httpx.post(gen, headers=AUTH, timeout=60,
+                              json={"prompt": "a red circle", "n": 2, "seed": seed, "steps": STEPS}).status_code == 200
+        assert httpx.post(gen, headers=AUTH, json={"prompt": "a circle", "n": 0}).status_code == 400
+        assert httpx.post(gen, json={"prompt": "a circle"}).status_code == 401
+        assert httpx.get(s.url + "/nowhere", headers=AUTH).status_code == 404
+        m = scrape(s.url, AUTH)
+        route = "/v1/images/generations"
+        assert m[("nextstep_requests_total", (("route", route), ("status", "200")))] == 3
+        assert m[("nextstep_requests_total", (("route", route), ("status", "400")))] == 1
+        assert m[("nextstep_requests_total", (("route", route), ("status", "401")))] == 1
+        assert m[("nextstep_requests_total", (("route", "other"), ("status", "404")))] == 1
+        assert m[("nextstep_images_total", ())] == 6 == s.engine.images
+        assert m[("nextstep_batch_images_count", ())] == s.engine.batches
+        assert m[("nextstep_batch_images_sum", ())] == 6
+        assert m[("nextstep_request_seconds_count", (("route", route),))] == 5
+        assert m[("nextstep_queued_images", ())] == 0 and m[("nextstep_requests_in_progress", ())] == 0
+
+
+# ---------------------------------------------------------------- disconnects and shutdown
+
+def test_clients_that_leave_while_queued_cost_no_model_work(pipe, monkeypatch):
+    with serve(pipe, slots=4, max_queue=64) as s:
+        gate, started, calls = threading.Event(), threading.Event(), []
+        run = s.engine._run
+
+        def slow_run(requests):  # the first call holds the engine until the test lets it go
+            calls.append(len(requests))
+            started.set()
+            gate.wait(60)
+            return run(requests)
+
+        monkeypatch.setattr(s.engine, "_run", slow_run)
+        gen = s.url + "/v1/images/generations"
+
+        def leave(i: int) -> str:
+            try:
+                httpx.post(gen, headers=AUTH, timeout=1.0, json={"prompt": "a blue square", "seed": i, "steps": STEPS})
+                return "answered"
+            except httpx.TimeoutException:
+                return "left"
+
+        with ThreadPoolExecutor(17) as pool:
+            first = pool.submit(httpx.post, gen, headers=AUTH, timeout=120,
+                                json={"prompt": "a red circle", "seed": 1, "steps": STEPS})
+            assert started.wait(30)
+            assert list(pool.map(leave, range(16))) == ["left"] * 16
+            deadline = time.monotonic() + 10
+            while s.engine.queued() and time.monotonic() < deadline:  # the server notices within ~0.1 s
+                time.sleep(0.05)
+            assert s.engine.queued() == 0
+            gate.set()
+            assert first.result().status_code == 200
+        time.sleep(0.5)  # time for the worker to have taken anything left
+        assert calls == [1] and s.engine.batches == 1 and s.engine.images == 1
+        m = scrape(s.url, AUTH)
+        assert m[("nextstep_requests_total", (("route", "/v1/images/generations"), ("status", "499")))] == 16
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_0(tmp_path):
+    """`nextstep serve` as a process, with keys from all three sources; SIGTERM mid-flight."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "keys").write_text("# the team's keys\n\nfile-key\n")
+    cmd = [sys.executable, "-m", "nextstep", "serve", "--port", str(port), "--slots", "4", "--api-key", "arg-key",
+           "--api-key-file", str(tmp_path / "keys"), "--drain-timeout", "120"]
+    server = subprocess.Popen(cmd, env={**os.environ, "NEXTSTEP_API_KEY": "env-key"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_healthy(url, 120)
+        for key, status in (("arg-key", 200), ("env-key", 200), ("file-key", 200), ("# the team's keys", 401)):
+            assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == status
+        key = {"Authorization": "Bearer env-key"}
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(httpx.post, url + "/v1/images/generations", headers=key, timeout=300,
+                                   json={"prompt": "a red circle", "seed": i, "steps": 40}) for i in range(8)]
+            deadline = time.monotonic() + 60
+            while scrape(url, key)[("nextstep_requests_in_progress", ())] < 8:
+                assert time.monotonic() < deadline, "the 8 requests never were in flight together"
+                time.sleep(0.02)
+            server.send_signal(signal.SIGTERM)
+            statuses = [a.result().status_code for a in answers]
+        assert statuses == [200] * 8
+        assert server.wait(120) == 0, server.stdout.read()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

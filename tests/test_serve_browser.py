@@ -18,7 +18,9 @@ from .test_serve import source_png
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed CI machine with no network and no display.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a name of an attacker's that resolves to this machine: DNS rebinding, with no DNS server
+                 "--host-resolver-rules=MAP rebind.test 127.0.0.1"]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
@@ -87,3 +89,27 @@ def test_the_page_reports_errors(served, page):
     submit(page, served.url, "a circle", n=1, size="60x60")
     page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=30_000)
     assert "multiple of" in page.inner_text("#status")
+
+
+def test_a_rebound_name_gets_nothing(served, page):
+    """A page at http://rebind.test:PORT reaches our socket, but its Host names the attacker's domain."""
+    response = page.goto(served.url.replace("127.0.0.1", "rebind.test") + "/")
+    assert response.status == 421 and "<form" not in page.content()
+
+
+def test_a_form_from_another_origin_is_refused(served, page):
+    """http://localhost:PORT is another origin than http://127.0.0.1:PORT: its "simple" form POST to
+    the edits route (no preflight) is refused, and no image is made."""
+    images = served.engine.images
+    page.goto(served.url.replace("127.0.0.1", "localhost") + "/")
+    with page.expect_navigation() as navigation:
+        page.evaluate("""url => {
+            const form = Object.assign(document.createElement("form"),
+                                       {method: "POST", action: url, enctype: "multipart/form-data"});
+            const prompt = Object.assign(document.createElement("input"), {name: "prompt", value: "a circle"});
+            form.appendChild(prompt);
+            document.body.appendChild(form);
+            form.submit();
+        }""", served.url + "/v1/images/edits")
+    assert navigation.value.status == 403 and "origin_refused" in page.content()
+    assert served.engine.images == images

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 
 from nextstep import NextStepPipeline
 from nextstep.serving import Engine
-from nextstep.serving.api import Limits, create_app, with_body_limit
+from nextstep.serving.api import Limits, Metrics, create_app
 
 # Valid requests really generate images: keep them small so the fuzzing stays quick.
 LIMITS = Limits(max_n=2, max_side=32, max_steps=3, max_body_bytes=64 * 1024, timeout_s=60)
@@ -17,9 +17,12 @@ LIMITS = Limits(max_n=2, max_side=32, max_steps=3, max_body_bytes=64 * 1024, tim
 
 @pytest.fixture(scope="module")
 def schema():
-    engine = Engine(NextStepPipeline.from_pretrained(), slots=2, max_queue=8, gather_s=0.0)
-    app = create_app(engine, limits=LIMITS)
-    yield schemathesis.openapi.from_asgi("/openapi.json", with_body_limit(app, LIMITS))
+    metrics = Metrics()
+    engine = Engine(NextStepPipeline.from_pretrained(), slots=2, max_queue=8, gather_s=0.0,
+                    on_batch=metrics.on_batch)
+    # schemathesis calls the app as http://testserver: that is the name this server answers for.
+    app = create_app(engine, limits=LIMITS, allowed_hosts=["testserver"], metrics=metrics)
+    yield schemathesis.openapi.from_asgi("/openapi.json", app)
     engine.close()
 
 
@@ -44,3 +47,14 @@ def test_no_request_body_makes_the_server_fail(schema, path):
     check()
     print(path, sorted(statuses))
     assert {400, 422} & set(statuses)  # the fuzzer reached the checks
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/health"])
+def test_the_read_only_routes_answer(schema, path):
+    @given(case=schema[path]["GET"].as_strategy())
+    @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call()
+        assert response.status_code == 200, response.text
+
+    check()

@@ -70,7 +70,7 @@ SETTING_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--context-noise-std", "context_noise_std", {"type": float},
      "noise on each token where the decoder reads it back (models trained with context noise)"),
     ("--source-image", "source_image", {"choices": SOURCE_IMAGE_PLACES},
-     "where an instruction without <image> sees the source"),
+     "where the instruction sees the source image"),
     ("--negative-prompt", "negative_prompt", {}, "text of the unconditional rows"),
     ("--positive-prompt", "positive_prompt", {}, "text appended to every caption"),
 ]

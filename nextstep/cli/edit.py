@@ -2,8 +2,8 @@
 
 The source image is resized to the output size (--size, default the model's
 own) when it differs, since the model edits at the size it makes; the aspect
-ratio is not kept. The instruction gets `<image>` where the model was trained
-to see its source (`--source-image`) unless it places the source image itself.
+ratio is not kept. The instruction is plain text; the source image goes where
+the model was trained to see it (`--source-image`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..io.images import load_rgb
 from .common import (add_batch_args, add_model_args, add_seed_arg, add_settings_args, check_mode, check_size,
                      generate_and_write, load_pipeline, read_jsonl, settings_from_args)
 
@@ -37,11 +38,8 @@ def read_source(path: Path, hw: tuple[int, int]) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read input image {path}: not an image format PIL knows") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL reports damaged files in all three
+        image = load_rgb(path)
+    except ValueError as e:
         raise ValueError(f"cannot read input image {path}: {e}") from None
     if image.size != (hw[1], hw[0]):
         image = image.resize((hw[1], hw[0]), Image.Resampling.BICUBIC)

@@ -3,36 +3,52 @@
     POST /v1/images/generations   JSON: prompt, n, size "WxH" (e.g. "64x64"), response_format "b64_json",
                                   and our extras: seed and the generation settings (see GenerationBody)
     POST /v1/images/edits         multipart: image (file), prompt, the same options, cfg_img and source_image
-    GET  /health                  liveness and queue figures (never needs the API key)
+    GET  /metrics                 Prometheus text: requests, images, queue depth, batch sizes, latencies
+    GET  /health                  {"status": "ok"} (never needs the API key)
     GET  /                        the web page
 
+Before any route runs, every request passes `Guard`: its Host header must name this server (DNS
+rebinding), a browser's cross-origin request is refused unless its Origin is allowed (CORS), and
+with API keys every route but /health and the page needs one.
+
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
-400 for bad values, 401 for a missing or wrong key, 413 for a body over the cap,
-422 for a body of the wrong form, 503 with Retry-After when the queue is full
-or a request waited longer than the timeout.
+400 for bad values, 401 for a missing or wrong key, 403 for a refused origin, 413 for a body or an
+image over the cap, 421 for a Host that is not this server, 422 for a body of the wrong form,
+500 when generation failed, 503 with Retry-After when the queue is full, a request waited longer
+than the timeout or the server is shutting down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
+import ipaddress
 import secrets
 import time
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..io.images import ImageTooLarge, load_rgb
 from ..settings import SEED_MODULUS, GenerationSettings, InvalidSettings, parse_size
 from .engine import Engine, QueueFull
+
+IMAGE_ROUTES = ("/v1/images/generations", "/v1/images/edits")
+OPEN_ROUTES = ("/health", "/")  # no key needed: the page holds no data, it asks for the key
 
 
 @dataclass
@@ -40,6 +56,7 @@ class Limits:
     max_n: int = 8  # images per request
     max_side: int | None = None  # pixels, each side; None: twice the model's default size, within its positions
     max_body_bytes: int = 2 * 1024 * 1024  # request body
+    max_image_pixels: int = 4096 * 4096  # an upload's width * height, checked before decoding
     max_prompt_chars: int = 1000
     max_steps: int = 100  # flow sampling steps per token
     timeout_s: float = 120.0  # a request's wait for its images
@@ -56,6 +73,155 @@ class APIError(Exception):
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, "invalid_request_error", code=code), status, headers=headers)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own: two apps in one process (the
+    tests) must not share counters. Pass `on_batch` to the Engine so model calls are counted."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("nextstep_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("nextstep_request_seconds", "seconds to answer an image request, by route",
+                                 ["route"], registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.in_progress = Gauge("nextstep_requests_in_progress", "image requests being answered", registry=r)
+        self.images = Counter("nextstep_images", "images generated (a call's filler slots not counted)", registry=r)
+        self.batch_size = Histogram("nextstep_batch_images", "images per model call", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch_seconds = Histogram("nextstep_batch_seconds", "seconds per model call", registry=r,
+                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.queued = Gauge("nextstep_queued_images", "images waiting for a model call", registry=r)
+
+    def on_batch(self, images: int, seconds: float) -> None:
+        """The Engine's hook, called from its worker thread after each model call."""
+        self.images.inc(images)
+        self.batch_size.observe(images)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def hosts_for(bind_host: str, allowed: Iterable[str] = ()) -> set[str]:
+    """The names a request's Host header may give: the bound host, `allowed`, and `localhost` with a
+    loopback address. Binding every interface ("0.0.0.0", "::") also admits any IP address (see
+    Guard). A "*" in `allowed` admits every name (behind a proxy that checks them)."""
+    names = {bind_host.lower().strip("[]")} | {a.lower().strip("[]") for a in allowed}
+    if names & {"127.0.0.1", "::1", "0.0.0.0", "::", ""}:  # every interface includes the loopback one
+        names.add("localhost")
+    if "localhost" in names:
+        names |= {"127.0.0.1", "::1"}
+    return names
+
+
+def host_name(host_header: str) -> str:
+    """"example.com:8000" -> "example.com", "[::1]:8000" -> "::1"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def key_digest(key: str) -> bytes:
+    # Keys are compared as digests: equal lengths, so the comparison's time says nothing about the key.
+    return hashlib.sha256(key.encode()).digest()
+
+
+class Guard:
+    """ASGI middleware, the outermost: refuses a request before anything reads its body.
+
+    - Host: the header must name this server (`hosts`), else 421. A web page on another domain that
+      re-resolves its name to 127.0.0.1 (DNS rebinding) sends its own name, so it is refused.
+    - Origin: a browser's request from another origin (an Origin header that is not this server's own
+      scheme://host) is refused with 403, a "simple" form POST included, unless `cors_origins`
+      allows it ("*": any); allowed ones get CORS headers, and their preflight (OPTIONS) an answer.
+    - API keys: with `keys`, every route but /health and the page needs `Authorization: Bearer KEY`.
+    It also counts every answer by route and status in `metrics`.
+    """
+
+    def __init__(self, app: Any, hosts: set[str], any_ip: bool, cors_origins: set[str], keys: list[str],
+                 metrics: Metrics, routes: set[str]) -> None:
+        self.app, self.hosts, self.any_ip, self.cors, self.metrics = app, hosts, any_ip, cors_origins, metrics
+        self.keys = [key_digest(f"Bearer {k}") for k in keys]
+        self.routes = routes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in self.routes else "other"  # a bounded set of labels, whatever the paths asked
+        status = 500
+        cors_headers: list[tuple[bytes, bytes]] = []
+
+        async def counted_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *cors_headers]}
+            await send(message)
+
+        t0 = time.perf_counter()
+        image_route = route in IMAGE_ROUTES
+        if image_route:
+            self.metrics.in_progress.inc()
+        try:
+            headers = Headers(scope=scope)
+            refusal = self.refusal(scope, headers)
+            origin = headers.get("origin")
+            if refusal is None and origin is not None and not self.same_origin(scope, headers):
+                cors_headers = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                    refusal = Response(status_code=204, headers={
+                        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                        "Access-Control-Max-Age": "600"})
+            if refusal is None:
+                refusal = self.auth_refusal(path, headers)
+            await (refusal or self.app)(scope, receive, counted_send)
+        finally:
+            if image_route:
+                self.metrics.in_progress.dec()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(route, str(status)).inc()
+
+    def same_origin(self, scope: dict, headers: Headers) -> bool:
+        return headers.get("origin", "").lower() == f"{scope['scheme']}://{headers.get('host', '')}".lower()
+
+    def refusal(self, scope: dict, headers: Headers) -> Response | None:
+        """A response refusing the request's Host or Origin, or None when both are fine."""
+        name = host_name(headers.get("host", ""))
+        if not ("*" in self.hosts or name in self.hosts or (self.any_ip and is_ip(name))):
+            return error_response(421, f"this server does not answer for host {name!r}; start it with "
+                                       "--allowed-host to add a name", "invalid_host")
+        origin = headers.get("origin")
+        if origin is None or self.same_origin(scope, headers) or "*" in self.cors or origin in self.cors:
+            return None
+        return error_response(403, f"requests from origin {origin!r} are refused; start the server with "
+                                   "--cors-origin to allow one", "origin_refused")
+
+    def auth_refusal(self, path: str, headers: Headers) -> Response | None:
+        if not self.keys or path in OPEN_ROUTES:
+            return None
+        given = key_digest(headers.get("authorization", ""))
+        ok = False
+        for key in self.keys:  # every key is compared, so the time says nothing about which matched
+            ok |= hmac.compare_digest(given, key)
+        if ok:
+            return None
+        return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
 
 
 class GenerationBody(BaseModel):
@@ -131,15 +297,24 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None = None,
-               model_name: str = "nextstep-shapes") -> FastAPI:
-    """The FastAPI app serving `engine`. With `api_key`, every route but /health and the page
-    needs `Authorization: Bearer <api_key>` (the page holds no data: it asks for the key)."""
+def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | None = None,
+               model_name: str = "nextstep-shapes", host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+               cors_origins: Iterable[str] = (), metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`, for a server bound to `host` (see Guard for `allowed_hosts`,
+    `cors_origins` and `api_keys`). Model calls are counted in /metrics when the engine was made
+    with `Engine(on_batch=metrics.on_batch)` and that `metrics` is passed here."""
     limits = limits or Limits()
+    metrics = metrics or Metrics()
     app = FastAPI(title="nextstep", version="1", description=__doc__)
     pipe = engine.pipe
     token_px = pipe.down_factor
     max_side = limits.max_side or largest_side(engine)
+    metrics.queued.set_function(engine.queued)
+    routes: set[str] = set()  # filled below, once the routes exist
+    # The last added is the outermost: Guard refuses before BodyLimit lets anything read the body.
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(Guard, hosts=hosts_for(host, allowed_hosts), any_ip=host in ("0.0.0.0", "::", ""),
+                       cors_origins=set(cors_origins), keys=list(api_keys), metrics=metrics, routes=routes)
 
     # ---------------------------------------------------------------- errors
     @app.exception_handler(APIError)
@@ -158,14 +333,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path not in ("/health", "/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                               "invalid_request_error", code="invalid_api_key"), 401)
-        return await call_next(request)
+    @app.exception_handler(Exception)  # a bug still answers in OpenAI's shape, not as plain text
+    async def unexpected_error(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error ({type(e).__name__})", "server_error"), 500)
 
     # ---------------------------------------------------------------- checks
     def size_of(size: str | None) -> tuple[int, int]:
@@ -206,7 +376,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         if seed is not None and not 0 <= seed < SEED_MODULUS:
             raise APIError(400, f"seed must be between 0 and {SEED_MODULUS - 1}, got {seed}", "seed")
 
-    async def run(prompt: str, n: int, seed: int | None, settings: GenerationSettings,
+    async def run(request: Request, prompt: str, n: int, seed: int | None, settings: GenerationSettings,
                   image: Image.Image | None = None) -> dict[str, Any]:
         seed = secrets.randbelow(SEED_MODULUS) if seed is None else seed
         seeds = [(seed + k) % SEED_MODULUS for k in range(n)]
@@ -218,39 +388,87 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e}); retry shortly", kind="server_error",
                            code="queue_full", headers=retry) from None
+        except RuntimeError as e:  # the engine is closed: the server is shutting down
+            raise APIError(503, f"the server is not taking requests ({e})", kind="server_error",
+                           code="shutting_down", headers=retry) from None
         try:
-            images = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), limits.timeout_s)
-        except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()
-            raise APIError(503, f"no result within {limits.timeout_s:g} s; retry shortly", kind="server_error",
-                           code="timeout", headers=retry) from None
+            images = await wait_for_images(request, futures)
         except ValueError as e:  # the pipeline refused the request
             raise APIError(400, str(e)) from None
+        except (APIError, asyncio.CancelledError):
+            raise
         except Exception as e:
             raise APIError(500, f"generation failed ({type(e).__name__}: {e})", kind="server_error") from None
         return {"created": int(time.time()),
                 "data": [{"b64_json": png_base64(im), "revised_prompt": None, "seed": s}
                          for im, s in zip(images, seeds)]}
 
+    async def wait_for_images(request: Request, futures: list[Future]) -> list[Image.Image]:
+        """The jobs' images, watching the client meanwhile: a client that left, or a wait past the
+        timeout, cancels the jobs, and the engine skips cancelled jobs, so they cost no model work."""
+        waiting = asyncio.gather(*map(asyncio.wrap_future, futures))
+        deadline = time.monotonic() + limits.timeout_s
+        try:
+            while not waiting.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(503, f"no result within {limits.timeout_s:g} s; retry shortly",
+                                   kind="server_error", code="timeout",
+                                   headers={"Retry-After": str(limits.retry_after_s)})
+                await asyncio.wait({waiting}, timeout=min(left, 0.1))
+                if not waiting.done() and await request.is_disconnected():
+                    # 499, as nginx logs it: nobody reads this answer, but /metrics counts it.
+                    raise APIError(499, "the client closed the request", code="client_closed")
+            try:
+                return waiting.result()
+            except asyncio.CancelledError:  # the engine cancelled the jobs: it is closing
+                raise APIError(503, "the server is shutting down; retry shortly", kind="server_error",
+                               code="shutting_down", headers={"Retry-After": str(limits.retry_after_s)}) from None
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                for f in futures:
+                    f.cancel()
+
+    async def read_upload(upload: UploadFile, hw: tuple[int, int]) -> Image.Image:
+        """The uploaded image as RGB at (height, width) `hw`; decoded in a worker thread, as a large
+        picture takes a while and the event loop must keep serving."""
+        data = await upload.read()
+        if not data:
+            raise APIError(400, "image is empty", "image")
+        try:
+            source = await asyncio.to_thread(load_rgb, data, limits.max_image_pixels)
+        except ImageTooLarge as e:
+            raise APIError(413, str(e), "image", "image_too_large") from None
+        except ValueError as e:
+            raise APIError(400, f"image could not be read as a picture ({e})", "image") from None
+        return await asyncio.to_thread(source.resize, (hw[1], hw[0]), Image.Resampling.BICUBIC)
+
     # ---------------------------------------------------------------- routes
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "queued_images": engine.queued(), "batches": engine.batches,
-                "images": engine.images, "slots": engine.slots}
+    async def health() -> dict[str, str]:
+        """Liveness only: it needs no key, so it tells nothing (the figures are in /metrics)."""
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text() -> Response:
+        """Prometheus text format: requests by route and status, images, queue depth, batch sizes and
+        latencies."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text())
 
     @app.post("/v1/images/generations")
-    async def generations(body: GenerationBody) -> dict[str, Any]:
+    async def generations(body: GenerationBody, request: Request) -> dict[str, Any]:
         check_common(body.prompt, body.n, body.negative_prompt, body.cfg, body.steps, body.seed)
         extras = body.model_dump(include=SETTING_EXTRAS)
-        return await run(body.prompt, body.n, body.seed, settings_for(body.size, body.steps, **extras))
+        return await run(request, body.prompt, body.n, body.seed, settings_for(body.size, body.steps, **extras))
 
     @app.post("/v1/images/edits")
     async def edits(
+        request: Request,
         image: UploadFile = File(..., description="the source image (PNG, JPEG, WebP)"),
         prompt: str = Form(..., description="the edit instruction"),
         n: int = Form(1),
@@ -279,10 +497,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                 positive_prompt=positive_prompt, cfg_schedule=cfg_schedule,
                                 timesteps_shift=timesteps_shift, sampler=sampler, noise_level=noise_level,
                                 use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image)
-        h, w = settings.hw
-        source = (await asyncio.to_thread(read_image, await image.read())).resize((w, h), Image.Resampling.BICUBIC)
-        return await run(prompt, n, seed, settings, source)
+        source = await read_upload(image, settings.hw)
+        return await run(request, prompt, n, seed, settings, source)
 
+    routes.update(r.path for r in app.routes)
     return app
 
 
@@ -299,28 +517,8 @@ def largest_side(engine: Engine) -> int:
     return side
 
 
-def read_image(data: bytes) -> Image.Image:
-    """An uploaded file as RGB, or a 400 naming what is wrong with it."""
-    if not data:
-        raise APIError(400, "image is empty", "image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > 4096 * 4096:  # checked from the header, before decoding
-                raise APIError(400, f"image of {im.width}x{im.height} px is too large", "image")
-            im.load()  # a truncated file fails here, not later
-            return im.convert("RGB")
-    except APIError:
-        raise
-    except Exception as e:
-        raise APIError(400, f"image could not be read as a picture ({type(e).__name__}: {e})", "image") from None
-
-
 def png_base64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
-
-def with_body_limit(app: FastAPI, limits: Limits) -> BodyLimit:
-    """The ASGI app to serve: `app` behind the request-size cap."""
-    return BodyLimit(app, limits.max_body_bytes)

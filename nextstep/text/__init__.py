@@ -1,5 +1,5 @@
 from .sequence import IMAGE_TAG, SOURCE_IMAGE_PLACES, image_area, image_block, image_prefix, with_image_tag
-from .tokenizer import TextTokenizer
+from .tokenizer import Plain, Row, TextTokenizer
 
-__all__ = ["IMAGE_TAG", "SOURCE_IMAGE_PLACES", "TextTokenizer", "image_area", "image_block", "image_prefix",
-           "with_image_tag"]
+__all__ = ["IMAGE_TAG", "SOURCE_IMAGE_PLACES", "Plain", "Row", "TextTokenizer", "image_area", "image_block",
+           "image_prefix", "with_image_tag"]

@@ -3,12 +3,19 @@
 No transformers at run time. Behaves like the official
 `AutoTokenizer(..., padding_side="left")`: no BOS/EOS are added, rows are
 left-padded with `[PAD]`, special tokens are matched verbatim in the text.
+
+Text from a user (a prompt typed at the CLI or sent to the server) is encoded
+with `plain=True`: there the spelling of any added token (`<|endoftext|>`,
+`<|begin_of_image|>`, ...) is ordinary text, so a user cannot forge the
+sequence format. A row may mix the two (`Plain` pieces among markup strings).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,6 +37,18 @@ IMAGE_PLACEHOLDER = "<|image_placeholder|>"
 SPECIAL_TOKENS = (PAD, IMAGE_AREA, BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER,
                   "<|begin_of_prompt_refinement|>", "<|end_of_prompt_refinement|>",
                   "<|begin_of_thinking|>", "<|end_of_thinking|>")
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A piece of a prompt row that is user text: encoded as ordinary text whatever it spells."""
+
+    text: str
+
+
+# A prompt row: markup (special tokens parsed, as the official code does), or pieces of markup and
+# `Plain` user text, encoded piece by piece and joined.
+Row = str | tuple[str | Plain, ...]
 
 
 class TextTokenizer:
@@ -62,16 +81,40 @@ class TextTokenizer:
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, plain: bool = False) -> list[int]:
+        """Token ids of `text`; `plain`: user text, in which no added token is recognised."""
+        tokenizer = self._plain_tokenizer if plain else self.tokenizer
+        return tokenizer.encode(text, add_special_tokens=True).ids
+
+    def encode_row(self, row: Row) -> list[int]:
+        """Token ids of a prompt row. Every markup piece starts and ends with a special token, where
+        the tokenizer splits the text anyway, so a row of pieces without special spellings in its
+        user text gets the same ids as the same row written as one string."""
+        if isinstance(row, str):
+            return self.encode(row)
+        return [i for piece in row for i in (self.encode(piece.text, plain=True) if isinstance(piece, Plain)
+                                             else self.encode(piece))]
+
+    @cached_property
+    def _plain_tokenizer(self) -> Tokenizer:
+        """A copy of the tokenizer that reads every added token's spelling as ordinary text. Each
+        added token is marked special (a tokenizer may leave some unmarked) and
+        `encode_special_tokens` makes special ones plain text; the shared tokenizer is not toggled
+        because server threads encode concurrently. Built on first use: training never needs it."""
+        config = json.loads(self.tokenizer.to_str())
+        for token in config.get("added_tokens", []):
+            token["special"] = True
+        tokenizer = Tokenizer.from_str(json.dumps(config))
+        tokenizer.encode_special_tokens = True
+        return tokenizer
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def batch(self, texts: list[str], suffix: list[int] = (), width: int | None = None) -> tuple[Tensor, Tensor]:
-        """Left-padded `input_ids` and `attention_mask` (B, T) of `texts`, each followed by `suffix`.
-        T is the longest row, or `width` if given (a row longer than that is an error)."""
-        rows = [e.ids + list(suffix) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+    def batch(self, texts: list[Row], suffix: list[int] = (), width: int | None = None) -> tuple[Tensor, Tensor]:
+        """Left-padded `input_ids` and `attention_mask` (B, T) of `texts` (rows: see `Row`), each
+        followed by `suffix`. T is the longest row, or `width` if given (a longer row is an error)."""
+        rows = [self.encode_row(t) + list(suffix) for t in texts]
         longest = max(len(r) for r in rows)
         if width is not None and longest > width:
             raise ValueError(f"the prompt is {longest} tokens long; at most {width} fit")
