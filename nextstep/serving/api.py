@@ -427,6 +427,8 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
         finally:
             if not waiting.done():
                 waiting.cancel()
+                # Read its outcome when it settles, or asyncio logs "exception was never retrieved".
+                waiting.add_done_callback(lambda w: w.cancelled() or w.exception())
                 for f in futures:
                     f.cancel()
 
