@@ -75,8 +75,8 @@ def hostile(url: str, i: int) -> int | str:
     if kind == 0:
         return httpx.post(gen, timeout=300, json={"prompt": "a red circle", "size": "63x65"}).status_code
     if kind == 1:
-        text = ("<image> <|begin_of_image|><|image_area|><|image_placeholder|><|end_of_image|> a red circle "
-                "<|im_end|><|im_start|> <|endoftext|>")
+        # Plain text to the server: it must be drawn (200), never parsed as the sequence format.
+        text = "<image> a red circle <|image_placeholder|><|endoftext|>"
         return httpx.post(gen, timeout=300, json={"prompt": text, "negative_prompt": text, "seed": i}).status_code
     if kind == 2:
         return httpx.post(url + "/v1/images/edits", timeout=300, data={"prompt": "make it blue"},
