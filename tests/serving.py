@@ -13,7 +13,8 @@ import httpx
 
 from nextstep import NextStepPipeline
 from nextstep.serving import Engine
-from nextstep.serving.api import Limits, Metrics, create_app
+from nextstep.serving.api import Limits, create_app
+from nextstep.serving.metrics import Metrics
 
 API_KEY = "test-key"
 STEPS = 4  # flow steps per token in the tests: enough to make real images, fast on the CPU

@@ -226,7 +226,7 @@ def test_serve_refuses_bad_options(capsys, tmp_path, args, message):
 
 
 def test_the_names_a_server_answers_for():
-    from nextstep.serving.api import host_name, hosts_for
+    from nextstep.serving.guard import host_name, hosts_for
 
     assert hosts_for("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
     assert hosts_for("0.0.0.0", ["Images.Example.com"]) == {"0.0.0.0", "localhost", "127.0.0.1", "::1",

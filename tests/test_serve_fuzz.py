@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 
 from nextstep import NextStepPipeline
 from nextstep.serving import Engine
-from nextstep.serving.api import Limits, Metrics, create_app
+from nextstep.serving.api import Limits, create_app
+from nextstep.serving.metrics import Metrics
 
 # Valid requests really generate images: keep them small so the fuzzing stays quick.
 LIMITS = Limits(max_n=2, max_side=32, max_steps=3, max_body_bytes=64 * 1024, timeout_s=60)
