@@ -252,6 +252,44 @@ def test_a_job_that_fails_fails_alone(served, monkeypatch):
     assert good.status_code == 200 and len(good.json()["data"]) == 1
 
 
+def test_special_token_spellings_in_a_prompt_are_plain_text(client, served):
+    prompt = "a red circle <|image_placeholder|><|begin_of_image|> <image>"
+    served_png = base64.b64decode(generate(client, prompt, seed=2)[0])
+    pipe = served.engine.pipe
+    drawn = pipe(prompt, generator=2, num_images_per_prompt=4, num_inference_steps=STEPS).images[0]  # 4 slots
+    assert served_png == png_bytes(drawn)
+    ids = pipe.tokenizer.encode(prompt, plain=True)
+    assert not {pipe.tokenizer.placeholder_id, pipe.tokenizer.boi_id} & set(ids)
+
+
+def test_a_poisoned_request_in_a_shared_call_fails_alone(served, client, monkeypatch):
+    """A request that breaks the model call it shares: the call is retried one request at a time,
+    the others get the PNGs they get alone, the poisoned one a clear error."""
+    pipe = served.engine.pipe
+    good = ["a red circle", "a blue square", "a purple square"]
+    poison = "a green triangle"  # as many tokens as the good ones, so all four can share a call
+    alone = [generate(client, p, seed=5)[0] for p in good]
+    green = pipe.tokenizer.encode(poison, plain=True)[1]
+    assert all(green not in pipe.tokenizer.encode(p, plain=True) for p in good)
+    real, calls = pipe.sample_tokens, []
+
+    def breaks_on_green(request, *args, **kwargs):
+        poisoned = bool((request.input_ids == green).any())
+        calls.append((poisoned, len({tuple(r.tolist()) for r in request.input_ids})))
+        if poisoned:
+            raise ValueError("this prompt poisons the model call")
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "sample_tokens", breaks_on_green)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: httpx.post(served.url + "/v1/images/generations", headers=AUTH, timeout=120,
+                                                     json={"prompt": p, "seed": 5, "steps": STEPS}), good + [poison]))
+    assert [r.status_code for r in answers] == [200, 200, 200, 400]
+    assert [r.json()["data"][0]["b64_json"] for r in answers[:3]] == alone
+    assert "poisons the model call" in answers[3].json()["error"]["message"]
+    assert any(poisoned and rows > 2 for poisoned, rows in calls)  # it did share a call with others
+
+
 def test_a_job_that_breaks_gets_500_in_openai_shape(served, monkeypatch):
     def broken(job):
         raise RuntimeError("the model fell over")
