@@ -30,7 +30,7 @@ from nextstep import NextStepPipeline
 from nextstep.data.batching import Collator
 from nextstep.io.images import pixels_to_pil
 from nextstep.shapes.dataset import ShapesDataset
-from nextstep.training.train import image_generators, sample_latents
+from nextstep.training.supervised import image_generators, sample_latents
 
 FP32_TOL = 2e-3  # tokens: the fixtures' end-to-end tolerance with guidance is 1e-3..5e-3
 

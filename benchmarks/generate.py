@@ -8,6 +8,10 @@ the time goes (decoder / flow head / VAE decode / elsewhere), and the per-token
 cost at 256 vs 64 image tokens.
 
     python benchmarks/generate.py [--threads 2] [--runs 5] [--sampler ode] [--dtype bfloat16]
+                                  [--busy] [--compile] [--step-schedule anneal]
+
+`--busy` keeps one core busy with another process during the measurement (a shared machine);
+`--compile` runs the token loop compiled (Inductor on the CPU; its warm-up is reported apart).
 
 OpenMP's wait policy is left at its default (spinning threads), the setting of the official
 1.48 / 0.45 s/image figures. On a busy shared machine spinning threads make runs erratic; then run
@@ -18,6 +22,7 @@ compared against its own 2.07 / 0.73 s/image) or `--threads 1`.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
@@ -30,7 +35,8 @@ import torch
 import nextstep.sampling.autoregressive as ar
 from nextstep import AutoencoderKL, NextStep, NextStepConfig, NextStepPipeline
 from nextstep.sampling import SAMPLERS
-from nextstep.sampling.flow import PreparedSampler
+from nextstep.sampling.compiled import CompiledLoop
+from nextstep.sampling.flow import STEP_SCHEDULES, PreparedSampler
 from nextstep.text import TextTokenizer
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny"
@@ -85,14 +91,31 @@ def section_timers():
         ar.prefill, ar.decode_one_token, PreparedSampler.sample, NextStepPipeline.decode_tokens = saved
 
 
-def measure(pipe: NextStepPipeline, batch: int, hw: tuple[int, int], runs: int, sampler: str) -> list[dict]:
+# Kernels that do the arithmetic; the rest of a profile is dispatch, bookkeeping and elementwise glue.
+KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_attention_math", "aten::_mkl_linear", "aten::mkldnn_linear")
+WARM_UP: dict[int, float] = {}  # batch -> seconds of its first (warm-up) call
+
+
+def busy_core() -> None:
+    """A CPU-bound loop (another user's job on the same machine)."""
+    while True:
+        pass
+
+
+def measure(pipe: NextStepPipeline, batch: int, hw: tuple[int, int], runs: int, sampler: str,
+            step_schedule: str | None = None) -> list[dict]:
     """One warm-up, then `runs` timed calls; each result holds 'total' and the per-section times."""
+    pipe.settings = pipe.settings.with_overrides(step_schedule=step_schedule)  # generate_image has no such arg
+
     def call():
         return pipe.generate_image(CAPTION, negative_prompt=NEGATIVE, num_images_per_caption=batch, hw=hw,
                                    cfg=3.0, num_sampling_steps=20, use_norm=True, seed=42, progress=False,
                                    sde_type=sampler)
 
+    t0 = time.perf_counter()
     call()
+    WARM_UP[batch] = time.perf_counter() - t0
     results = []
     for _ in range(runs):
         with section_timers() as spent:
@@ -102,6 +125,19 @@ def measure(pipe: NextStepPipeline, batch: int, hw: tuple[int, int], runs: int, 
         assert len(images) == batch
         results.append({"total": total, **spent})
     return results
+
+
+def outside_kernels_share(pipe: NextStepPipeline, sampler: str) -> float:
+    """Share of a profiled batch-1 call's wall time spent outside the matmul/attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        pipe.generate_image(CAPTION, negative_prompt=NEGATIVE, hw=(128, 128), cfg=3.0, num_sampling_steps=20,
+                            use_norm=True, seed=42, progress=False, sde_type=sampler)
+        wall = time.perf_counter() - t0
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6
+    return 1 - kernels / wall
 
 
 def median_run(results: list[dict]) -> dict:
@@ -127,11 +163,30 @@ def main() -> None:
                     default=[OFFICIAL_S_PER_IMAGE[1], OFFICIAL_S_PER_IMAGE[4]],
                     help="official pipeline's s/image at batch 1 and 4 (default 1.48 0.45)")
     ap.add_argument("--skip-scaling", action="store_true", help="skip the per-sampler 64- vs 256-token table")
+    ap.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
+    ap.add_argument("--compile", action="store_true", help="the token loop compiled (Inductor on the CPU)")
+    ap.add_argument("--step-schedule", choices=STEP_SCHEDULES, default=None, help="flow steps per token")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     pipe = build_pipeline(args.fixture, dtype, args.seed)
+    if args.compile:
+        pipe.compiled = CompiledLoop(torch.device("cpu"))
+    hog = None
+    if args.busy:
+        hog = multiprocessing.Process(target=busy_core, daemon=True)
+        hog.start()
+        print(f"--busy: process {hog.pid} keeps one core busy during the measurement")
+    try:
+        run(args, pipe)
+    finally:
+        if hog is not None:
+            hog.terminate()
+            hog.join()
+
+
+def run(args: argparse.Namespace, pipe: NextStepPipeline) -> None:
     n_params = sum(p.numel() for p in pipe.model.parameters())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
           f"sampler {args.sampler}, bench model {n_params / 1e6:.2f}M params")
@@ -143,7 +198,7 @@ def main() -> None:
 
     rows, breakdowns, measured = [], {}, {}
     for b in args.batches:
-        res = measured[b] = measure(pipe, b, (128, 128), args.runs, args.sampler)
+        res = measured[b] = measure(pipe, b, (128, 128), args.runs, args.sampler, args.step_schedule)
         med = statistics.median(r["total"] for r in res)
         per_image = med / b
         official = {1: args.official[0], 4: args.official[1]}.get(b)
@@ -181,6 +236,11 @@ def main() -> None:
         r = breakdowns[1]
         share = (r["total"] - r.get("decoder", 0.0) - r.get("flow head", 0.0) - r.get("vae decode", 0.0)) / r["total"]
         print(f"elsewhere at batch 1: {100 * share:.1f}% (target < 15%: {'met' if share < 0.15 else 'NOT met'})")
+        outside = outside_kernels_share(pipe, args.sampler)
+        print(f"outside matmul/attention kernels at batch 1 (one profiled call; the profiler's own cost counts "
+              f"as outside): {100 * outside:.1f}% (goal < 30%)")
+    print("warm-up (first call) s: " + ", ".join(f"batch {b}: {s:.2f}" for b, s in WARM_UP.items())
+          + ("  (includes compiling)" if args.compile else ""))
 
     if not args.skip_scaling:
         # Every sampler at 64 and 256 tokens, batch 1: time per image, and per token without the VAE.
@@ -189,7 +249,7 @@ def main() -> None:
         for kind in SAMPLERS:
             per = {}
             for n_tok, hw in ((64, (128, 128)), (256, (256, 256))):
-                res = measure(pipe, 1, hw, args.runs, kind)
+                res = measure(pipe, 1, hw, args.runs, kind, args.step_schedule)
                 per[n_tok] = (statistics.median(r["total"] for r in res),
                               statistics.median((r["total"] - r.get("vae decode", 0.0)) / n_tok for r in res))
             rows.append([kind, f"{per[64][0]:.3f}", f"{1e3 * per[64][1]:.2f}", f"{per[256][0]:.3f}",

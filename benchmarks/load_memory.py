@@ -9,6 +9,15 @@ loading where the kernel allows), and reports the peak increase relative to the
 weights' size. Target: peak increase <= 1.3x the weights.
 
     python benchmarks/load_memory.py [--layers 16] [--shard-mib 200] [--interval-ms 5]
+
+With `--quantize int8` it compares instead the peak RSS of loading *and*
+generating one 64x64 image (`NextStepPipeline.from_pretrained(..., dtype=bf16)`)
+without and with weight-only int8 (nextstep/quantize.py), each in a fresh
+process, on a random bf16 checkpoint of about 1B parameters written in the
+official layout (config.json, ~1 GiB shards plus index, tokenizer files, vae/;
+the tokenizer and VAE are the shipped model's). Target: int8 peak <= 0.6x bf16.
+
+    python benchmarks/load_memory.py --quantize int8 [--hidden 2048 --layers 20 --intermediate 5632]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from pathlib import Path
 import torch
 
 MIB = 2**20
+LOAD_SHAPE = {"hidden": 1024, "layers": 16, "intermediate": 2816, "vocab": 32000}  # ~1 GB in fp32
 
 
 def proc_status() -> dict[str, int]:
@@ -139,18 +149,29 @@ def build_and_save(folder: Path, args) -> tuple[int, str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    # Model shape: by default LOAD_SHAPE, or load_memory_quant.SHAPE with --quantize.
+    for name in ("hidden", "layers", "intermediate", "vocab"):
+        ap.add_argument(f"--{name}", type=int, default=None, help=f"default {LOAD_SHAPE[name]} "
+                                                                  "(with --quantize: see load_memory_quant.py)")
     ap.add_argument("--shard-mib", type=int, default=200, help="max_shard_bytes for save_model, in MiB")
     ap.add_argument("--interval-ms", type=float, default=5.0, help="RSS sampling interval")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="load_model dtype")
     ap.add_argument("--tmpdir", default=None, help="where to write the temporary checkpoint")
+    ap.add_argument("--quantize", choices=["int8", "int4", "fp8", "none"], default=None,
+                    help="compare load+generate of a ~1B bf16 checkpoint with and without this mode")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--generate-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate_child:
+        from load_memory_quant import generate_child
+        return generate_child(args.generate_child, args.interval_ms / 1000, args.quantize)
     if args.child:
         return child(args.child, args.interval_ms / 1000, getattr(torch, args.dtype))
+    if args.quantize not in (None, "none"):
+        from load_memory_quant import compare
+        return compare(args)
+    for name, value in LOAD_SHAPE.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
 
     folder = Path(tempfile.mkdtemp(prefix="nextstep-load-bench-", dir=args.tmpdir))
     try:

@@ -41,7 +41,8 @@ from torch import nn
 from nextstep.data import Collator
 from nextstep.model import NextStep
 from nextstep.training.config import TrainConfig
-from nextstep.training.train import Batches, build_parts, train
+from nextstep.training.supervised import Batches
+from nextstep.training.train import build_parts, train
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_VAE = REPO / "tests" / "fixtures" / "reference-tiny" / "vae"

@@ -3,9 +3,11 @@
 The official config is a transformers `LlamaConfig` (NextStep-1) or
 `Qwen2Config` (NextStep-1.1) plus NextStep's own fields. We read it without
 transformers: every field that changes the model is a dataclass field below; a
-list of Hugging Face bookkeeping fields is accepted and written back untouched;
-anything else is refused with its name, because a silently ignored field is a
-silently different model.
+list of Hugging Face bookkeeping fields is accepted and written back untouched.
+Real checkpoints carry fields we have never seen (only excerpts of the official
+config.json files are known), so any other field is kept and written back too,
+with a one-line warning naming it; `strict=True` refuses it instead. Known
+fields keep their checks: an unsupported value is an error either way.
 
 Three layouts are understood, and `family` records which checkpoint family
 (and so which inference behaviour) a config belongs to:
@@ -18,11 +20,14 @@ Three layouts are understood, and `family` records which checkpoint family
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("nextstep", "stepx_llama")
 
@@ -124,7 +129,9 @@ class NextStepConfig:
 
     # ------------------------------------------------------------------ io
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "NextStepConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config", strict: bool = False) -> "NextStepConfig":
+        """A config from a config.json dict. A field we do not know is kept (and written back)
+        with a one-line warning naming it; `strict=True` refuses it instead."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
@@ -152,8 +159,12 @@ class NextStepConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         extra = {k: d.pop(k) for k in list(d) if k not in known and k in HF_BOOKKEEPING}
         unknown = sorted(k for k in d if k not in known)
+        if unknown and strict:
+            raise ConfigError(f"{source}: fields not understood by nextstep: {unknown} (strict config)")
         if unknown:
-            raise ConfigError(f"{source}: fields not understood by nextstep: {unknown}")
+            logger.warning("%s: config fields nextstep does not know, ignored (and kept when saved): %s; "
+                           "strict_config=True / --strict-config refuses them", source, unknown)
+            extra.update((k, d.pop(k)) for k in unknown)
         types = {f.name: f.type for f in fields(cls)}
         wrong = [f"{k}={v!r} (expected {types[k]})" for k, v in d.items() if not _type_ok(v, types[k])]
         if wrong:
@@ -163,8 +174,8 @@ class NextStepConfig:
         return config
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "NextStepConfig":
-        """Read a model folder's config.json, or a config.json path."""
+    def from_pretrained(cls, path: str | Path, strict: bool = False) -> "NextStepConfig":
+        """Read a model folder's config.json, or a config.json path (`strict`: see `from_dict`)."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
@@ -173,7 +184,7 @@ class NextStepConfig:
             d = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(file))
+        return cls.from_dict(d, source=str(file), strict=strict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

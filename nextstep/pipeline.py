@@ -33,12 +33,14 @@ from tqdm.auto import tqdm
 from .config import FAMILIES
 from .devices import autocast, resolve
 from .errors import CheckpointError
+from .hub import HubOptions, resolve_model_dir, resolve_vae_dir
 from .io import load_model, save_model
 from .io.atomic import atomic_write
 from .io.images import pixels_to_pil
 from .model import NextStep, unpatchify
 from .prepare import RequestBuilder
 from .sampling.autoregressive import generate_tokens
+from .sampling.compiled import CompiledLoop, compile_default
 from .sampling.requests import GenerationRequest, merge_requests
 from .settings import (DEFAULT_SEED, GENERATION_DEFAULTS_FILE, SEED_MODULUS, GenerationSettings,
                        read_generation_defaults)
@@ -75,10 +77,14 @@ class NextStepPipelineOutput:
 
 class NextStepPipeline(RequestBuilder):
     def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer,
-                 generation_defaults: dict[str, Any] | None = None, autocast_dtype: torch.dtype | None = None
-                 ) -> None:
+                 generation_defaults: dict[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
+                 compile: bool | None = None) -> None:
         super().__init__(model, vae, tokenizer)
         self.autocast_dtype = autocast_dtype  # matmuls in this dtype during token sampling (None: the weights')
+        # The decode step and the flow head's integration compiled (CUDA graphs on a GPU), reused by
+        # every call; None: the device's default (compiled on CUDA, eager on the CPU: see the README).
+        device = model.embed_tokens.weight.device
+        self.compiled = CompiledLoop(device) if compile_default(device, compile) else None
         # Kept apart so that save_pretrained writes back exactly what the folder said.
         self._folder_defaults = dict(generation_defaults or {})
         size = model.config.latent_size * vae.down_factor
@@ -100,31 +106,38 @@ class NextStepPipeline(RequestBuilder):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, vae_dir: str | Path | None = None,
                         device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> "NextStepPipeline":
-        """Load a model folder (official layout); without one, the shipped shapes-world model.
-        The VAE comes from `vae_dir`, else from the config's `vae_name_or_path` (relative to the
-        model folder), else from `<model_dir>/vae`. An optional `generation_defaults.json` in the
+                        dtype: str | torch.dtype | None = None, *,
+                        quantize: str | None = None,
+                        compile: bool | None = None,
+                        revision: str | None = None,
+                        cache_dir: str | Path | None = None,
+                        local_files_only: bool = False,
+                        strict_config: bool = False) -> "NextStepPipeline":
+        """Load a model folder (official layout) or a Hugging Face Hub id ("org/name"; `revision`,
+        `cache_dir`, `local_files_only` and $HF_HUB_OFFLINE say how, see nextstep/hub.py); without
+        one, the shipped shapes-world model. The VAE comes from `vae_dir` (a folder or a Hub id),
+        else from the config's `vae_name_or_path` (relative to the model folder, or a Hub id), else
+        from `<model_dir>/vae`. Config fields nextstep does not know are warned about, or refused
+        with `strict_config=True`. An optional `generation_defaults.json` in the
         folder sets the model's generation defaults, and may ask for "bf16-mixed" on CPUs
-        (`cpu_dtype`; `dtype` overrides it)."""
+        (`cpu_dtype`; `dtype` overrides it). `quantize` ("int8", "int4", "fp8") stores the decoder
+        layers' linear weights quantized through torchao (nextstep/quantize.py). `compile` runs the
+        decode step and the flow head compiled (CUDA graphs on a GPU); None: the device's default."""
         if model_dir is None:
             if not SHIPPED_MODEL.is_dir():
                 raise CheckpointError(f"the shipped model is not installed at {SHIPPED_MODEL}; "
                                       f"pass a model folder instead")
             model_dir = SHIPPED_MODEL
-        model_dir = Path(model_dir)
+        hub = HubOptions(revision, cache_dir, local_files_only)
+        model_dir, repo_id = resolve_model_dir(model_dir, hub)
         settings, load = read_generation_defaults(model_dir)
         device, dtype, autocast_dtype = resolve(device, dtype, load.get("cpu_dtype"))
-        model = load_model(model_dir, device, dtype)
+        model = load_model(model_dir, device, dtype, strict_config=strict_config, quantize=quantize)
         tokenizer = TextTokenizer.from_pretrained(model_dir)
-        if vae_dir is None:
-            name = model.config.vae_name_or_path
-            vae_dir = model_dir / (name if name else "vae")
-            if not vae_dir.is_dir():
-                raise CheckpointError(
-                    f"no VAE folder at {vae_dir} (from vae_name_or_path={name!r}); pass vae_dir=")
+        vae_dir = resolve_vae_dir(vae_dir, model_dir, model.config.vae_name_or_path, repo_id, hub)
         # The VAE stays in fp32: it is small and decoding is where precision shows.
         vae = AutoencoderKL.from_pretrained(vae_dir, device=device, dtype=torch.float32, family=model.config.family)
-        return cls(model, vae, tokenizer, {**settings, **load}, autocast_dtype)
+        return cls(model, vae, tokenizer, {**settings, **load}, autocast_dtype, compile=compile)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the official layout: config, safetensors, tokenizer files, and the VAE in `vae/`."""
@@ -272,7 +285,7 @@ class NextStepPipeline(RequestBuilder):
         with autocast(self.device, self.autocast_dtype):
             return generate_tokens(self.model, r.input_ids, r.attention_mask, r.grid[0] * r.grid[1], r.sampler,
                                    r.noise, r.guidance, r.groups, r.latents, r.pos_embed, r.use_norm, progress, trace,
-                                   r.context_noise)
+                                   r.context_noise, compiled=self.compiled)
 
     def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> list[Image.Image]:
         """Image tokens (B, h*w, token_dim) on a grid of (h, w) tokens -> PIL images."""

@@ -99,7 +99,7 @@ class RequestBuilder:
         captions, images = self.check_inputs(captions, images, n, s, plain)
         family = FAMILIES[self.model.config.family]
         flow = FlowSampler(s.sampler or family.default_sampler, s.num_sampling_steps, s.timesteps_shift,
-                           s.noise_level)
+                           s.noise_level, step_schedule=s.step_schedule)
         config = self.model.config
         h_tok, w_tok = s.hw[0] // self.down_factor, s.hw[1] // self.down_factor
         n_tokens = h_tok * w_tok

@@ -27,7 +27,7 @@ from typing import Any
 
 from .devices import DTYPE_NAMES
 from .errors import CheckpointError
-from .sampling.flow import SAMPLERS
+from .sampling.flow import SAMPLERS, STEP_SCHEDULES
 from .text import SOURCE_IMAGE_PLACES
 
 DEFAULT_SEED = 42  # the official generate_image's, and the CLI's
@@ -55,6 +55,9 @@ class GenerationSettings:
     cfg_schedule: str = "constant"  # or "linear" (each family ramps its own way)
     num_sampling_steps: int = 28  # flow steps per image token
     timesteps_shift: float = 1.0  # > 1 spends more of the steps near the noise
+    # Flow steps per token: "fixed" (the official), or a preset that falls over the tokens
+    # (nextstep/sampling/flow.py STEP_SCHEDULE_PRESETS; fewer head evaluations per image)
+    step_schedule: str = "fixed"
     sampler: str | None = None  # None: the checkpoint family's own (NextStep-1 euler_maruyama, 1.1 sde)
     noise_level: float = 0.8  # sde and cps samplers only
     use_norm: bool = False  # layer-norm each sampled token (official 1.0 examples: True)
@@ -110,6 +113,7 @@ _CHECKS = {
     "cfg_schedule": (lambda v: v in CFG_SCHEDULES, f"one of {list(CFG_SCHEDULES)}"),
     "num_sampling_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "timesteps_shift": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "step_schedule": (lambda v: v in STEP_SCHEDULES, f"one of {list(STEP_SCHEDULES)}"),
     "sampler": (lambda v: v is None or v in SAMPLERS, f"one of {list(SAMPLERS)}"),
     "noise_level": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "use_norm": (lambda v: isinstance(v, bool), "true or false"),

@@ -280,7 +280,8 @@ def test_generate_batch(model: Path, work: Path, capsys: pytest.CaptureFixture) 
     assert files(work / "out1") == {"s_0.png", "t_0.png", "u_0.png"}  # no sheet for one image
     run_cli(["generate", "two squares", "--seed", "9", "-o", "nine.png", "--model", model], capsys)
     s_, t_, u_, nine = (Image.open(work / p) for p in ("out1/s_0.png", "out1/t_0.png", "out1/u_0.png", "nine.png"))
-    assert same([s_], [t_]) and same([s_], [nine]) and not same([s_], [u_])
+    # (nine.png is made alone, s in a call of three: float32 matmuls may round differently, see `close`)
+    assert same([s_], [t_]) and close([s_], [nine]) and not same([s_], [u_])
 
 
 def test_every_settings_flag_reaches_the_model(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:

@@ -29,7 +29,8 @@ STEPS = 10
 COMPARED = ("loss", "lm_loss", "im_loss", "grad_norm")
 
 
-def write_config(folder: Path, vae: Path, out: str, ranks: int, steps: int = STEPS, batch: int = 4) -> Path:
+def write_config(folder: Path, vae: Path, out: str, ranks: int, steps: int = STEPS, batch: int = 4,
+                 train_extra: tuple[str, ...] = ()) -> Path:
     """A tiny stage: 64 px shapes (16 image tokens), a 2-layer decoder of width 32, the fixture VAE.
 
     Every random draw of training comes from a generator of its own image, so 1 process (one pass
@@ -44,6 +45,7 @@ def write_config(folder: Path, vae: Path, out: str, ranks: int, steps: int = STE
         "[data]", 'sources = [{ kind = "shapes", size = 64 }]', f"batch_size = {batch}", "caption_dropout = 0.25",
         "[optim]", "lr = 3e-3", "warmup_steps = 2", "grad_accum = 1",
         "[train]", "checkpoint_every = 5", "keep_last = 3", "tensorboard = false", "sample_settings = { hw = [64, 64], num_sampling_steps = 2 }", 'sample_prompts = ["a red circle"]',
+        *train_extra,
     ]
     path = folder / f"{out}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -102,7 +104,9 @@ def runs(tmp_path_factory, ref10):
     folder = tmp_path_factory.mktemp("dist")
     vae = ref10 / "vae"
     train(write_config(folder, vae, "one", ranks=1), 1)
-    train(write_config(folder, vae, "two", ranks=2), 2)
+    # Activation checkpointing composes with FSDP2: the sharded run recomputes its layers and still
+    # computes what one process does.
+    train(write_config(folder, vae, "two", ranks=2, train_extra=("grad_checkpointing = true",)), 2)
     return folder, vae
 
 
@@ -125,6 +129,55 @@ def test_two_ranks_equal_one_process(runs):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+def test_sharded_export_is_the_sharded_state_exactly(runs):
+    """The 2-rank export (written tensor by tensor from the shards) holds exactly the weights of the
+    run's last checkpoint, read back into one process."""
+    folder, vae = runs
+    from safetensors.torch import load_file
+
+    from nextstep.training.config import TrainConfig
+    from nextstep.training.train import build_parts
+
+    config = TrainConfig.from_file(write_config(folder, vae, "two", ranks=1))
+    model, _, _ = build_parts(config, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    meta = dist.load_checkpoint(CheckpointManager(folder / "two"), model, optimizer, dist.Env(0, 1, torch.device("cpu")))
+    assert meta["step"] == STEPS and meta["world_size"] == 2
+    exported = load_file(str(folder / "two" / "export" / "model.safetensors"))
+    state = model.state_dict()
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k]) for k in state)
+    assert json.loads((folder / "two" / "export" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_bf16_mixed_precision_trains_with_float32_master_weights(runs):
+    """param_dtype = bf16 (reduce in fp32) on 2 ranks, continuing the 1-process export, each rank
+    reading only its rows of it: the first loss is the export's (rows landed where they belong), the
+    loss falls, and the checkpointed weights and optimizer state stay float32."""
+    folder, _ = runs
+    lines = [f'out_dir = "{folder / "bf16"}"', f"steps = {STEPS}", "seed = 0", f'init_from = "{folder / "one" / "export"}"',
+             "[data]", 'sources = [{ kind = "shapes", size = 64 }]', "batch_size = 4", "caption_dropout = 0.25",
+             "[optim]", "lr = 3e-3", "warmup_steps = 2",
+             "[distributed]", 'param_dtype = "bf16"', 'reduce_dtype = "fp32"',
+             "[train]", f"checkpoint_every = {STEPS}", "tensorboard = false", "grad_checkpointing = true", "sample_every = 5",
+             "sample_settings = { hw = [64, 64], num_sampling_steps = 2 }", 'sample_prompts = ["a red circle"]']
+    config = folder / "bf16.toml"
+    config.write_text("\n".join(lines) + "\n")
+    train(config, 2)
+    losses = [m["loss"] for m in metrics(folder / "bf16")]
+    first_fp32 = metrics(folder / "one")[-1]["loss"]  # the last step of the run whose export this continues
+    assert abs(losses[0] - first_fp32) < 0.1 * first_fp32, (losses[0], first_fp32)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"bf16 run did not learn: {losses}"
+    assert (folder / "bf16" / "samples" / "step_00000005.png").is_file()  # gathered tensor by tensor on rank 0
+    import torch.distributed.checkpoint as dcp
+
+    sharded = dcp.FileSystemReader(str(CheckpointManager(folder / "bf16").path(STEPS) / SHARDED))
+    dtypes = {k: v.properties.dtype for k, v in sharded.read_metadata().state_dict_metadata.items()
+              if hasattr(v, "properties")}
+    weights = {k: d for k, d in dtypes.items() if k.startswith(("model.", "optim.state."))}
+    assert weights and set(weights.values()) == {torch.float32}, {k: d for k, d in weights.items() if d != torch.float32}
+
+
 def resume_elsewhere(runs, source: str, name: str, ranks: int) -> float:
     """Cut run `source` back to step 5, resume it on `ranks` as run `name`; the largest loss
     difference from the uninterrupted single-process run."""
@@ -137,6 +190,11 @@ def resume_elsewhere(runs, source: str, name: str, ranks: int) -> float:
 def test_sharded_checkpoint_resumes_on_one_rank(runs):
     diff = resume_elsewhere(runs, "two", "two_to_one", ranks=1)
     assert diff <= TOLERANCE, f"saved by 2 ranks, resumed on 1: losses differ by up to {diff:.3g}"
+
+
+def test_sharded_checkpoint_resumes_on_two_ranks(runs):
+    diff = resume_elsewhere(runs, "two", "two_to_two", ranks=2)
+    assert diff <= TOLERANCE, f"saved by 2 ranks, resumed on 2: losses differ by up to {diff:.3g}"
 
 
 def test_single_process_checkpoint_resumes_on_two_ranks(runs):

@@ -85,10 +85,10 @@ def test_unknown_model_type(model_dir: Path) -> None:
         load(model_dir)
 
 
-def test_unknown_config_field(model_dir: Path) -> None:
+def test_unknown_config_field_with_strict_config(model_dir: Path) -> None:
     edit_config(model_dir, frobnicate_heads=3)
     with pytest.raises(ConfigError, match=r"not understood.*frobnicate_heads"):
-        load(model_dir)
+        load_model(model_dir, CPU, torch.float32, strict_config=True)
 
 
 def test_config_field_of_wrong_type(model_dir: Path) -> None:

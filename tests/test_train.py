@@ -201,7 +201,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("steps = 10\nbogus = 1\n", "unknown config key 'bogus'"),
     ("steps = 0\n", "steps=0 (must be >= 1)"),
-    ('stage = "dpo"\n', "DPO stage is not available yet"),
+    ('stage = "dpo"\n', "dpo.pairs is empty"),
     ('[data]\nsources = [{ kind = "files", path = "/no/such/shards" }]\n', "does not exist"),
     ("[data]\nbatch_size = 6\n[optim]\ngrad_accum = 4\n", "not divisible by 1 ranks x 4 accumulation steps"),
     ('[model]\nvae = "/no/vae"\n', "is not a VAE folder"),
@@ -240,7 +240,7 @@ def test_context_noise_reaches_the_decoder_not_the_targets(ref10, expected10):
     """`context_noise` changes what the decoder reads; the flow head still learns the clean tokens,
     and only images in the image loss get noise (sources stay clean)."""
     from nextstep.io import load_model
-    from nextstep.training.train import draw_context_noise
+    from nextstep.training.supervised import draw_context_noise
 
     model = load_model(ref10 / "model", torch.device("cpu"), torch.float32).eval()
     e = {k.split("/", 1)[1]: v for k, v in expected10.items() if k.startswith("train_loss_masked/")}
@@ -301,7 +301,7 @@ def test_bf16_training_falls_back_to_fp32_on_cpus_without_native_bf16(
 
 def test_dark_prob_reaches_the_shapes_sources(tmp_path, ref10):
     """`data.sources[i].dark_prob` sets the share of dark scenes (edits: sources) of that stream."""
-    from nextstep.training.train import Batches
+    from nextstep.training.supervised import Batches
 
     path = write_config(tmp_path, ref10 / "vae")
     path.write_text(path.read_text().replace('sources = [{ kind = "shapes", size = 32 }]',

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..errors import NextStepError
-from . import data, edit, generate, serve, train, train_vae
+from . import data, edit, generate, plan, serve, train, train_vae
 from . import eval as evaluate
 
-COMMANDS = [generate, edit, evaluate, data, train, train_vae, serve]
+COMMANDS = [generate, edit, evaluate, data, train, train_vae, serve, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,8 @@ from typing import Any
 from PIL import Image
 
 from ..io.atomic import atomic_write
-from ..sampling.flow import SAMPLERS
+from ..quantize import MODES as QUANTIZE_MODES
+from ..sampling.flow import SAMPLERS, STEP_SCHEDULES
 from ..settings import CFG_SCHEDULES, DEFAULT_SEED, SEED_MODULUS, GenerationSettings, parse_size
 from ..text import SOURCE_IMAGE_PLACES
 
@@ -46,14 +47,45 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str, descrip
 
 # ---------------------------------------------------------------------- model and settings
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, metavar="DIR",
-                   help="model folder (official layout; default: the shipped shapes-world model)")
+    p.add_argument("--model", default=None, metavar="DIR_OR_HUB_ID",
+                   help="model folder (official layout) or Hugging Face Hub id such as org/name "
+                        "(default: the shipped shapes-world model)")
+    add_hub_args(p)
     p.add_argument("--vae", type=Path, default=None, metavar="DIR",
-                   help="VAE folder (default: from the model's config)")
+                   help="VAE folder or Hub id (default: from the model's config)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: CUDA if present)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or bf16-mixed (fp32 weights, bf16 matmuls); "
                         "default: the model's choice for CPUs, else by device")
+    add_quantize_arg(p)
+    add_compile_arg(p, "default: off, so a one-shot command pays no warm-up")
+
+
+def add_compile_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the decode step and the flow head compiled (CUDA graphs on a GPU: much faster per "
+                        f"token after a warm-up; on the CPU a minutes-long warm-up for little gain); {default}")
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                   help="store the decoder's linear weights quantized (torchao, pip install 'nextstep[quant]'): "
+                        "int8 anywhere, int4 on CUDA with bfloat16, fp8 on GPUs with compute capability >= 8.9 "
+                        "(default: none)")
+
+
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    """--revision and --strict-config: how a model named by Hub id, and its config, are read."""
+    p.add_argument("--revision", default=None,
+                   help="with a Hub id: branch, tag or commit (default: main); HF_HUB_OFFLINE=1 reads only the "
+                        "local Hub cache")
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse config.json fields nextstep does not know (default: warn and go on)")
+
+
+def hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The from_pretrained keywords of add_hub_args' flags."""
+    return {"revision": args.revision, "strict_config": args.strict_config}
 
 
 # (flag, GenerationSettings field, argparse keywords, help); every default is the model's.
@@ -64,6 +96,8 @@ SETTING_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--cfg-schedule", "cfg_schedule", {"choices": CFG_SCHEDULES}, "guidance over the tokens"),
     ("--steps", "num_sampling_steps", {"type": int}, "flow sampling steps per token"),
     ("--shift", "timesteps_shift", {"type": float}, "timesteps shift (> 1: more steps near the noise)"),
+    ("--step-schedule", "step_schedule", {"choices": STEP_SCHEDULES},
+     "flow steps per token: fixed (official) or a preset that falls over the tokens (faster)"),
     ("--sampler", "sampler", {"choices": SAMPLERS}, "flow sampler"),
     ("--noise-level", "noise_level", {"type": float}, "noise of the sde and cps samplers, in [0, 1]"),
     ("--use-norm", "use_norm", {"action": argparse.BooleanOptionalAction}, "layer-norm each sampled token"),
@@ -106,7 +140,9 @@ def check_seed(seed: Any, where: str = "--seed") -> int:
 def load_pipeline(args: argparse.Namespace):
     from ..pipeline import NextStepPipeline  # the model code loads only when a command runs
 
-    return NextStepPipeline.from_pretrained(args.model, args.vae, device=args.device, dtype=args.dtype)
+    return NextStepPipeline.from_pretrained(args.model, args.vae, device=args.device, dtype=args.dtype,
+                                            quantize=args.quantize, compile=bool(getattr(args, "compile", False)),
+                                            **hub_kwargs(args))
 
 
 def model_label(args: argparse.Namespace) -> str:

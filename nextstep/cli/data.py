@@ -1,4 +1,5 @@
-"""`nextstep data ...`: make training data. `nextstep data shapes` writes the shapes world to disk."""
+"""`nextstep data ...`: make training data. `nextstep data shapes` writes the shapes world to disk;
+`nextstep data preferences` makes DPO preference pairs from a model's own samples."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..io.atomic import atomic_write
-from .common import command_group
+from .common import (add_model_args, add_settings_args, check_positive, check_seed, command_group, load_pipeline,
+                     settings_from_args)
 
 FORMATS = ("folder", "webdataset")
 
@@ -52,6 +54,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="caption categories to draw from (default: all six)")
     s.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     s.set_defaults(run=run_shapes)
+
+    p = data_sub.add_parser(
+        "preferences", help="DPO preference pairs from a model's own samples, judged by the shapes checker",
+        description="Draw N prompts of the shapes world (captions, or with --edits rendered source scenes and "
+                    "instructions), sample -n images for each with the model, score them with --reward (default: "
+                    "the shapes checker, partial credit for captions) and pair the best against the worst image "
+                    "of every prompt whose scores differ. Writes OUT/images/*.png and OUT/pairs.jsonl (one line "
+                    "per pair: prompt, chosen, rejected, source for edits, scores, seeds), the file a "
+                    "`stage = \"dpo\"` config names in [dpo] pairs. Prompt i's images come from seeds "
+                    "seed + i*n + k.")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--num", type=int, required=True, help="number of prompts")
+    p.add_argument("-n", "--num-images", type=int, default=4, help="images sampled per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="world seed of the prompts, and first generation seed "
+                                                       "(default 0)")
+    p.add_argument("--edits", action="store_true", help="edit instructions on rendered sources instead of captions")
+    p.add_argument("--reward", default="shapes", help="'shapes' or module:function, as in [grpo] reward "
+                                                      "(default shapes)")
+    p.add_argument("--colour-prob", type=_probability, default=0.5,
+                   help="chance that an object phrase names its colour (default 0.5)")
+    p.add_argument("--dark-prob", type=_probability, default=0.2, help="chance of a dark background (default 0.2)")
+    p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                   help="caption categories to draw from (default: all six)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace pairs already in --out")
+    add_model_args(p)
+    add_settings_args(p, edit=True)
+    p.set_defaults(run=run_preferences)
 
 
 def run_shapes(args: argparse.Namespace) -> int:
@@ -119,6 +149,52 @@ def run_shapes(args: argparse.Namespace) -> int:
     else:
         atomic_write(out / "manifest.jsonl", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         print(out / "manifest.jsonl")
+    return 0
+
+
+def run_preferences(args: argparse.Namespace) -> int:
+    from ..io.images import load_rgb
+    from ..settings import SEED_MODULUS
+    from ..shapes.dataset import ShapesConfig, make_sample
+    from ..shapes.grammar import parse_instruction
+    from ..shapes.renderer import render_image
+    from ..shapes.world import CATEGORIES
+    from ..training.preferences import PAIR_FILE, make_pairs
+    from ..training.rewards import load_reward
+
+    check_positive(**{"--num": args.num, "-n": args.num_images, "--batch-size": args.batch_size})
+    if args.num_images < 2:
+        raise ValueError(f"-n must be >= 2 (a pair is the best and the worst of a prompt's images), "
+                         f"got {args.num_images}")
+    check_seed(args.seed)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if (out / PAIR_FILE).exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already holds {PAIR_FILE}; pass --overwrite to replace it")
+    reward = load_reward(args.reward)
+    pipe = load_pipeline(args)
+    settings = settings_from_args(pipe, args)
+    height, width = settings.hw
+    if height != width:
+        raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
+    config = ShapesConfig(size=height, seed=args.seed, edits=args.edits, categories=tuple(args.categories or CATEGORIES),
+                          colour_prob=args.colour_prob, dark_prob=args.dark_prob)
+    samples = [make_sample(config, k) for k in range(args.num)]
+    n = args.num_images
+    seeds = [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)]
+    if args.edits:
+        prompts = [s.instruction for s in samples]
+        # Through a PNG, as a user's source file would come in.
+        sources = [load_rgb(_png(render_image(s.source))) for s in samples]
+        extra = [{"kind": parse_instruction(s.instruction).op} for s in samples]
+    else:
+        prompts, sources = [s.caption for s in samples], None
+        extra = [{"category": s.category} for s in samples]
+    summary = make_pairs(pipe, prompts, seeds, n, settings, reward, out, sources, extra,
+                         batch_images=args.batch_size * n, progress=sys.stderr.isatty())
+    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['images']} images, mean score "
+          f"{summary['mean_score']:.3f}, {summary['perfect']:.1%} perfect): {summary['file']}")
     return 0
 
 

@@ -7,6 +7,8 @@ import os
 import signal
 from pathlib import Path
 
+from .common import add_compile_arg, add_hub_args, add_quantize_arg, hub_kwargs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible image API and a web page",
@@ -16,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "this server, and browsers' requests from other origins, are refused. On SIGTERM "
                                    "the server stops accepting, finishes what it accepted and exits. Needs: pip "
                                    "install 'nextstep[serve]'.")
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
+    p.add_argument("--model", default=None, metavar="DIR_OR_HUB_ID",
+                   help="model folder or Hugging Face Hub id such as org/name (default: the shipped shapes model)")
+    add_hub_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -42,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or bf16-mixed (default: the model's choice for CPUs, else the device's)")
+    add_quantize_arg(p)
+    add_compile_arg(p, "default: on with CUDA (a server pays the warm-up once), off on the CPU")
     p.set_defaults(run=run)
 
 
@@ -83,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
         if origin != "*" and (not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin):
             raise ValueError(f"--cors-origin {origin!r}: give scheme://host[:port], without a path, or '*'")
     keys = api_keys(args)
-    pipe = NextStepPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pipe = NextStepPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                            compile=args.compile, **hub_kwargs(args))
     metrics = Metrics()
     engine = Engine(pipe, slots=args.slots, max_queue=args.max_queue, gather_s=args.gather_ms / 1000,
                     on_batch=metrics.on_batch)
     limits = Limits(max_n=args.max_n, timeout_s=args.timeout)
-    name = args.model.name if args.model else "nextstep-shapes"
+    name = Path(args.model).name if args.model else "nextstep-shapes"
     app = create_app(engine, api_keys=keys, limits=limits, model_name=name, host=args.host,
                      allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, metrics=metrics)
     # On SIGTERM uvicorn closes its sockets and waits (up to the drain timeout) for the requests

@@ -14,6 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "torchrun the model is sharded across ranks with FSDP2.")
     p.add_argument("config", type=Path, help="a stage's .toml file, or a recipe folder of them")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's per-rank memory plan (parameters, gradients, optimizer state, "
+                        "activations with and without checkpointing) and whether it fits; train nothing. "
+                        "Exits 1 if a plan does not fit")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="--plan: the number of ranks (default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="--plan: the kind of device the ranks run on (default cuda; its memory is "
+                        "[distributed] device_memory_gib, else this machine's GPU, else 80 GiB)")
     p.set_defaults(run=run)
 
 
@@ -40,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     files = stage_files(args.config)
     configs = [TrainConfig.from_file(f) for f in files]
+    if args.plan:
+        return print_plans(configs, args)
     for f, config in zip(files, configs):
         if len(files) > 1:
             if config.stage in NOT_AVAILABLE:
@@ -51,3 +62,29 @@ def run(args: argparse.Namespace) -> int:
         export = train(config, resume=args.resume or len(files) > 1)
         print(f"{f.name}: model exported to {export}")
     return 0
+
+
+def print_plans(configs: list, args: argparse.Namespace) -> int:
+    """`--plan`: each stage's memory plan; 0 if every plan fits, 1 if one does not."""
+    import os
+
+    import torch
+
+    from ..training.plan import GIB, largest_micro_batch, training_plan
+
+    ranks = args.ranks or int(os.environ.get("WORLD_SIZE", "1"))
+    all_fit = True
+    for config in configs:
+        if config.distributed.device_memory_gib:
+            memory = int(config.distributed.device_memory_gib * GIB)
+        elif args.device == "cuda" and torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(0).total_memory
+        else:
+            memory = 80 * GIB
+        plan = training_plan(config, ranks, args.device, memory)
+        print(f"{config.source}: {plan.table()}")
+        if not plan.fits:
+            fitting = largest_micro_batch(config, ranks, args.device, memory)
+            print(f"  the largest micro-batch per rank that fits: {fitting}")
+        all_fit = all_fit and plan.fits
+    return 0 if all_fit else 1

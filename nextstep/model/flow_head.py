@@ -114,6 +114,7 @@ class FusedFlowNet:
         self.mod_bias = w(torch.cat(biases))
         # Plain tensors, read without nn.Module attribute lookups in the hot loop.
         self.input_proj = (w(net.input_proj.weight), w(net.input_proj.bias))
+        self.cond_embed = (w(net.cond_embed.weight), w(net.cond_embed.bias))
         self.blocks = [(b.in_ln.weight, b.in_ln.bias, b.in_ln.eps, w(b.mlp[0].weight), w(b.mlp[0].bias),
                         w(b.mlp[2].weight), w(b.mlp[2].bias)) for b in net.res_blocks]
         self.final = (w(net.final_layer.linear.weight), w(net.final_layer.linear.bias))
@@ -122,7 +123,7 @@ class FusedFlowNet:
         """adaLN parameters for times t_emb (S, dim) and conditions c (R, cond_dim): (S, R, (3*depth+2)*dim).
         `out`, a buffer of that shape, is written instead of a new tensor: at batch 64 the result
         is tens of MB, and a fresh allocation per token costs more in page faults than the matmul."""
-        y = F.silu(t_emb[:, None, :] + self.net.cond_embed(c)[None])
+        y = F.silu(t_emb[:, None, :] + F.linear(c, *self.cond_embed)[None])
         if out is None:
             return F.linear(y, self.mod_weight, self.mod_bias)
         w = self.mod_weight
@@ -131,18 +132,23 @@ class FusedFlowNet:
 
     def velocity(self, x: Tensor, mod: Tensor, groups: int = 1) -> Tensor:
         """Velocity for x (B, D) given one step's modulation (groups * B, ...): (groups * B, D)."""
+        u = self.final_input(x, mod.view(groups, x.shape[0], -1))
+        return F.linear(u, *self.final).flatten(0, 1)
+
+    def final_input(self, x: Tensor, mod: Tensor) -> Tensor:
+        """The final layer's modulated input (groups, B, dim) for x (B, D) and one step's modulation
+        (groups, B, ...): the velocity is `F.linear` of it with `self.final`. The guidance groups
+        share x, so the input projection and first layer norm run on B rows and broadcast (no copy);
+        the guided velocity is then one mix of these rows before a single final matmul."""
         d = self.dim
         mod = mod.split(d, dim=-1)
         h = F.linear(x, *self.input_proj)
-        if groups > 1:
-            h = h.repeat(groups, 1)
         for i, (ln_w, ln_b, eps, w1, b1, w2, b2) in enumerate(self.blocks):
             shift, scale1, gate = mod[3 * i: 3 * i + 3]
             u = torch.addcmul(shift, F.layer_norm(h, (d,), ln_w, ln_b, eps), scale1)
             h = torch.addcmul(h, gate, F.linear(F.silu(F.linear(u, w1, b1)), w2, b2))
         shift, scale1 = mod[3 * self.depth:]
-        u = torch.addcmul(shift, F.layer_norm(h, (d,), eps=1e-6), scale1)
-        return F.linear(u, *self.final)
+        return torch.addcmul(shift, F.layer_norm(h, (d,), eps=1e-6), scale1)
 
 
 class FlowHead(nn.Module):

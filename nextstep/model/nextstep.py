@@ -8,6 +8,7 @@ checkpoints load as they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -74,20 +75,32 @@ class NextStep(nn.Module):
         """Fresh weights for training from scratch: N(0, std) matrices and embeddings, zero biases,
         unit norm gains, and zero adaLN modulations and output layer in the flow head (so each
         residual block starts as the identity and the head predicts zero velocity)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)) and module.weight is not None:
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        for name, values in self.initial_values(std, generator):
+            self.get_parameter(name).copy_(values)
+
+    @torch.no_grad()
+    def initial_values(self, std: float = 0.02, generator: torch.Generator | None = None
+                       ) -> Iterator[tuple[str, Tensor]]:
+        """The values `init_weights` gives, one whole parameter at a time (name, values), in the
+        order the random ones are drawn. A sharded trainer keeps its slice of each and so gets
+        exactly what one process gets, never holding more than one whole tensor."""
         net = self.image_head.net
-        for layer in [b.adaLN_modulation[1] for b in net.res_blocks] + [
-                net.final_layer.adaLN_modulation[1], net.final_layer.linear]:
-            layer.weight.zero_()
-            layer.bias.zero_()
+        zeroed = {id(m) for m in [b.adaLN_modulation[1] for b in net.res_blocks] + [
+            net.final_layer.adaLN_modulation[1], net.final_layer.linear]}
+        for prefix, module in self.named_modules():
+            prefix = f"{prefix}." if prefix else ""
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                device = generator.device if generator is not None else weight.device
+                values = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+                values.normal_(0.0, std, generator=generator)  # drawn even where zeroed: same stream
+                yield f"{prefix}weight", values.zero_() if id(module) in zeroed else values
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)) and weight is not None:
+                yield f"{prefix}weight", torch.ones(weight.shape, dtype=weight.dtype)
+            else:
+                continue
+            if bias is not None:
+                yield f"{prefix}bias", torch.zeros(bias.shape, dtype=bias.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,7 +183,7 @@ class NextStep(nn.Module):
         `latents_mask` (one 0/1 per image) drops images from the MSE.
         `generator`: one for all random draws, or one per image (see `FlowHead.loss`).
         `context_noise` (shaped like `latents`) is added to the images the decoder reads, not to
-        the flow head's targets (see `nextstep.training.train.draw_context_noise`).
+        the flow head's targets (see `nextstep.training.supervised.draw_context_noise`).
         """
         cfg = self.config
         seen = latents

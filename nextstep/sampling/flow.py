@@ -20,15 +20,26 @@ so the loop itself draws nothing (same numbers on every device, graph-friendly).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.flow_head import FlowNet, FusedFlowNet
 
 SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
+# Flow steps per image token: "fixed" (the official: `num_steps` for every token), or a count that
+# falls from `num_steps` at the first token towards a floor at the last (training-free step
+# annealing: late tokens are mostly decided by the ones before them). Preset: (power, floor fraction):
+# token k of n gets max(floor * num_steps, num_steps * (1 - k/n) ** power) steps, rounded up.
+# A preset must not lose shapes score (docs/performance.md): "anneal" (2.3-2.4x fewer head
+# evaluations) scored +0.011 over three prompt sets; steeper falls (power 4 or a floor of 2 steps,
+# 2.9-3.3x fewer) lost 0.03-0.09 and are not offered.
+STEP_SCHEDULE_PRESETS = {"anneal": (2.0, 0.2)}
+STEP_SCHEDULES = ("fixed", *STEP_SCHEDULE_PRESETS)
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
@@ -63,11 +74,14 @@ class FlowSampler:
     timesteps_shift: float = 1.0
     noise_level: float = 0.8  # sde / cps only
     last_step_size: float = 0.04  # euler_maruyama only
+    step_schedule: str = STEP_SCHEDULES[0]  # the official fixed count
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.kind!r}; choose one of {SAMPLERS}")
-        min_steps = 2 if self.kind == "euler_maruyama" else 1
+        if self.step_schedule not in STEP_SCHEDULES:
+            raise ValueError(f"unknown step schedule {self.step_schedule!r}; choose one of {STEP_SCHEDULES}")
+        min_steps = self.min_steps
         if not isinstance(self.num_steps, int) or self.num_steps < min_steps:
             raise ValueError(f"num_sampling_steps must be an integer >= {min_steps} for the {self.kind} sampler, "
                              f"got {self.num_steps!r}")
@@ -81,6 +95,24 @@ class FlowSampler:
         """Gaussian draws per token, in the reference's order: the initial noise, then one per
         stochastic step (`cps` draws on its last step too, although its coefficient is 0)."""
         return {"euler_maruyama": self.num_steps, "ode": 1}.get(self.kind, self.num_steps + 1)
+
+    @property
+    def min_steps(self) -> int:
+        return 2 if self.kind == "euler_maruyama" else 1
+
+    def token_steps(self, n_tokens: int) -> list[int]:
+        """Flow steps of each of `n_tokens` image tokens under the step schedule (the noise of a
+        token is always drawn for `num_steps`; a token with fewer steps uses the first draws)."""
+        if self.step_schedule not in STEP_SCHEDULE_PRESETS:
+            return [self.num_steps] * n_tokens
+        power, floor = STEP_SCHEDULE_PRESETS[self.step_schedule]
+        low = max(self.min_steps, math.ceil(floor * self.num_steps))
+        return [min(self.num_steps, max(low, math.ceil(self.num_steps * (1 - k / n_tokens) ** power)))
+                for k in range(n_tokens)]
+
+    def with_steps(self, num_steps: int) -> "FlowSampler":
+        """This sampler with a fixed count of `num_steps` (one token's sampler under a schedule)."""
+        return dataclasses.replace(self, num_steps=num_steps, step_schedule=STEP_SCHEDULES[0])
 
     def timesteps(self) -> Tensor:
         """The time grid (float32, computed as the reference does)."""
@@ -132,32 +164,95 @@ class PreparedSampler:
         self.t_emb = net.net.time_embed(eval_times.to(device))  # (S, dim)
         self.coefs = sampler.step_coefficients()
         self.mod: Tensor | None = None  # the adaLN parameters of the current token (see sample)
+        weight, bias = net.final
+        # Plain float32 (no autocast, fp32 weights): each step's final matmul, guidance, bias and
+        # noise become one addmm and one add (see sample). Otherwise the general path below.
+        self.fused_update = weight.dtype == torch.float32 and not torch.is_autocast_enabled(device.type)
+        self.final_t = weight.t()
+        a, b, sigma = (torch.tensor(col, dtype=torch.float32, device=device) for col in zip(*self.coefs))
+        self.a, self.b, self.sigma = a, b, sigma
+        self.bias_terms = (b[:, None] * bias.float()[None])[:, None]  # (steps, 1, D): b_i * final bias
+        self.stochastic = bool(sigma.any())
+        self.compiled = None
 
     def sample(self, c: Tensor, noise: Tensor, groups: int, cfg: float, cfg_img: float = 1.0) -> Tensor:
         """One token per conditional row.
 
         c: (groups * B, hidden) conditions, groups stacked [cond; uncond_1; uncond_2].
-        noise: (noise_draws, B, token_dim), the initial noise first.
+        noise: (noise_draws, B, token_dim), the initial noise first (more draws than needed are
+        ignored: a step schedule passes the draws of the longest schedule).
         Returns (B, token_dim) in c's dtype.
         """
+        mix = guidance_weights(groups, cfg, cfg_img, c.dtype, c.device)
+        if self.compiled is not None:  # the whole integration as one graph (static shapes per steps)
+            # A CUDA graph's output is overwritten by its next replay: the caller keeps a copy.
+            return self.compiled(c, noise[: self.sampler.noise_draws], mix, groups).clone()
         # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens.
         shape = (self.t_emb.shape[0], c.shape[0], self.net.mod_weight.shape[0])
         if self.mod is None or self.mod.shape != shape:
             self.mod = torch.empty(shape, dtype=self.net.mod_weight.dtype, device=c.device)
-        mod = self.net.modulation(self.t_emb, c, out=self.mod)
+        return self.integrate(c, noise, mix, groups, self.mod)
+
+    def static_tensors(self) -> list[Tensor]:
+        """Every tensor the integration reads that is not an argument (for CUDA graphs' static inputs)."""
+        net = self.net
+        tensors = [self.t_emb, self.final_t, self.bias_terms, self.sigma, net.mod_weight, net.mod_bias,
+                   *net.input_proj, *net.final, *net.cond_embed]
+        for block in net.blocks:
+            tensors += [t for t in block if isinstance(t, Tensor)]
+        return tensors
+
+    def compile(self, **options) -> None:
+        """Run `integrate` through `torch.compile(**options)` from now on (see sampling/compiled.py)."""
+        self.compiled = torch.compile(self.integrate, **options)
+
+    def integrate(self, c: Tensor, noise: Tensor, mix: Tensor | None, groups: int, buffer: Tensor | None = None
+                  ) -> Tensor:
+        """`sample` after its guidance weights: a function of tensors only, so it compiles as one graph."""
+        steps = self.t_emb.shape[0]
+        batch = noise.shape[1]
+        mod = self.net.modulation(self.t_emb, c, out=buffer).view(steps, groups, batch, -1)
         dtype = c.dtype
 
-        def velocity(x: Tensor, step: int) -> Tensor:
-            return guide(self.net.velocity(x.to(dtype), mod[step], groups), groups, cfg, cfg_img).float()
+        def guided_input(x: Tensor, step: int) -> Tensor:
+            # Guidance is linear in the rows with weights summing to 1, so it commutes with the
+            # final (affine) layer: mix the rows first, then one matmul on B rows instead of G*B.
+            return mix_rows(self.net.final_input(x.to(dtype), mod[step]), mix)
 
         # The state is integrated in float32 whatever the model's dtype (a no-op for fp32 models),
         # so bf16 rounding does not accumulate over the steps.
         x = noise[0].float()
-        for i, (a, b, sigma) in enumerate(self.coefs):
-            v = velocity(x, i)
-            x = torch.add(x * a, v, alpha=b) if a != 1.0 else x.add(v, alpha=b)
-            if sigma:
-                x = x.add_(noise[i + 1].float(), alpha=sigma)
+        n_steps = len(self.coefs)
+        if self.fused_update:
+            # x' = a x + b (W u + bias) + sigma w  ==  addmm(b bias + sigma w, u, W^T, alpha=b) + a x,
+            # with every step's b bias + sigma w computed up front in one op.
+            extra = (torch.addcmul(self.bias_terms, self.sigma[:, None, None], noise[1: n_steps + 1].float())
+                     if self.stochastic else self.bias_terms.expand(n_steps, batch, -1))
+            for i, (a, b, _) in enumerate(self.coefs):
+                x = torch.addmm(extra[i], guided_input(x, i), self.final_t, alpha=b).add_(x, alpha=a)
+        else:
+            for i, (a, b, sigma) in enumerate(self.coefs):
+                v = F.linear(guided_input(x, i), *self.net.final).float()
+                x = torch.add(x * a, v, alpha=b) if a != 1.0 else x.add(v, alpha=b)
+                if sigma:
+                    x = x.add_(noise[i + 1].float(), alpha=sigma)
         if self.sampler.kind == "euler_maruyama":  # the reference ends with one deterministic step
-            x = x.add(velocity(x, len(self.coefs)), alpha=self.sampler.last_step_size)
+            v = F.linear(guided_input(x, n_steps), *self.net.final).float()
+            x = x.add(v, alpha=self.sampler.last_step_size)
         return x.to(dtype)
+
+
+def guidance_weights(groups: int, cfg: float, cfg_img: float, dtype: torch.dtype, device: torch.device
+                     ) -> Tensor | None:
+    """(cfg, cfg_img) as a tensor for `mix_rows` (a tensor, so a compiled graph serves every scale)."""
+    return None if groups == 1 else torch.tensor([cfg, cfg_img], dtype=dtype, device=device)
+
+
+def mix_rows(u: Tensor, scales: Tensor | None) -> Tensor:
+    """(groups, B, dim) -> (B, dim): `guide`'s mix of the groups. Elementwise, so each row's result
+    does not depend on the batch size (a matmul's blocking would)."""
+    if scales is None:
+        return u[0]
+    if u.shape[0] == 2:
+        return torch.lerp(u[1], u[0], scales[0])
+    return torch.addcmul(torch.lerp(u[2], u[1], scales[1]), u[0] - u[1], scales[0])

@@ -83,6 +83,7 @@ class GenerationBody(BaseModel):
     positive_prompt: str | None = None
     cfg_schedule: Literal["constant", "linear"] | None = None
     timesteps_shift: float | None = None
+    step_schedule: Literal["fixed", "anneal"] | None = None
     sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = None
     noise_level: float | None = None
     use_norm: bool | None = None
@@ -90,7 +91,8 @@ class GenerationBody(BaseModel):
 
 
 # The generation settings a JSON body may set by name (besides `steps` and `size`).
-SETTING_EXTRAS = {"cfg", "negative_prompt", "positive_prompt", "cfg_schedule", "timesteps_shift", "sampler",
+SETTING_EXTRAS = {"cfg", "negative_prompt", "positive_prompt", "cfg_schedule", "timesteps_shift", "step_schedule",
+                  "sampler",
                   "noise_level", "use_norm", "context_noise_std"}
 
 
@@ -282,6 +284,7 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
         positive_prompt: str | None = Form(None),
         cfg_schedule: Literal["constant", "linear"] | None = Form(None),
         timesteps_shift: float | None = Form(None),
+        step_schedule: Literal["fixed", "anneal"] | None = Form(None),
         sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = Form(None),
         noise_level: float | None = Form(None),
         use_norm: bool | None = Form(None),
@@ -294,7 +297,8 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
             raise APIError(400, f"cfg_img must be between 1 and 50, got {cfg_img}", "cfg_img")
         settings = settings_for(size, steps, cfg=cfg, cfg_img=cfg_img, negative_prompt=negative_prompt,
                                 positive_prompt=positive_prompt, cfg_schedule=cfg_schedule,
-                                timesteps_shift=timesteps_shift, sampler=sampler, noise_level=noise_level,
+                                timesteps_shift=timesteps_shift, step_schedule=step_schedule, sampler=sampler,
+                                noise_level=noise_level,
                                 use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image)
         source = await read_upload(image, settings.hw)
         return await run(request, prompt, n, seed, settings, source)

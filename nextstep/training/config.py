@@ -18,9 +18,10 @@ from ..errors import ConfigError
 from ..settings import GenerationSettings
 from ..text import SOURCE_IMAGE_PLACES
 from .config_file import build, read_toml
+from .grpo import GRPOSection
 
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
-NOT_AVAILABLE = {"dpo": "DPO", "grpo": "GRPO"}
+NOT_AVAILABLE: dict[str, str] = {}  # stage kinds listed in recipes but not built yet
 SOURCE_KINDS = ("shapes", "files")
 SCHEDULES = ("constant", "cosine")  # the learning-rate schedules of nextstep.training.optim
 # Keys of earlier versions: old -> where it is now.
@@ -128,6 +129,55 @@ class TrainSection:
 
 
 @dataclass
+class DpoSection:
+    """`stage = "dpo"` (nextstep/training/dpo.py): preference pairs instead of `[data] sources`;
+    `data.batch_size` counts pairs."""
+
+    pairs: str = ""  # JSONL pair file: prompt, chosen, rejected (image paths), optional source (edits)
+    # How sharply the loss rewards the policy's error gap over the reference's: Diffusion-DPO's
+    # SD1.5 value (5000) with its factor 1/2 folded in.
+    beta: float = 2500.0
+
+    def problems(self, stage: str) -> list[str]:
+        """What is wrong with this [dpo] table for a stage of kind `stage`."""
+        if stage != "dpo":
+            return [] if self == DpoSection() else [f"[dpo] is set but stage={stage!r} does not read it"]
+        problems = []
+        if not self.pairs:
+            problems.append("dpo.pairs is empty (the preference file: see docs/post-training.md)")
+        elif not Path(self.pairs).is_file():
+            problems.append(f"dpo.pairs={self.pairs!r} does not exist (make one with `nextstep data preferences`)")
+        if not 0 < self.beta < float("inf"):
+            problems.append(f"dpo.beta={self.beta} (must be a number > 0)")
+        return problems
+
+
+FSDP_DTYPES = ("fp32", "bf16")  # `[distributed] param_dtype` / `reduce_dtype`
+
+
+@dataclass
+class DistributedSection:
+    """How a torchrun job shards the model with FSDP2 (a single process ignores it; its numerics
+    are `[train] precision`). The sharded parameters, and so the optimizer's master weights, stay
+    float32 whatever is chosen here."""
+
+    param_dtype: str = "fp32"  # the all-gathered parameters the layers compute with: "fp32" or "bf16"
+    reduce_dtype: str = "fp32"  # the gradients' reduce-scatter across ranks: "fp32" or "bf16"
+    # Keep sharded parameters, gradients and optimizer state in CPU memory (the step runs there).
+    cpu_offload: bool = False
+    # For `--plan`: the memory of one device in GiB (0: the device's own, or 80 without a GPU).
+    device_memory_gib: float = 0.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with this [distributed] table, one 'distributed.KEY=VALUE (why)' item each."""
+        problems = [f"distributed.{name}={getattr(self, name)!r} (one of {list(FSDP_DTYPES)})"
+                    for name in ("param_dtype", "reduce_dtype") if getattr(self, name) not in FSDP_DTYPES]
+        if not self.device_memory_gib >= 0:
+            problems.append(f"distributed.device_memory_gib={self.device_memory_gib} (must be >= 0)")
+        return problems
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/train"
     stage: str = "pretrain"
@@ -139,6 +189,9 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    dpo: DpoSection = field(default_factory=DpoSection)  # stage = "dpo" only
+    grpo: GRPOSection = field(default_factory=GRPOSection)  # stage = "grpo" only
     source: str = field(default="", repr=False)  # the file it was read from (not a TOML key)
 
     @classmethod
@@ -175,6 +228,11 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             problems.append(f"train.sample_settings: {e}")
         problems += self.optim.problems()
+        problems += self.distributed.problems()
+        problems += self.dpo.problems(self.stage)
+        problems += self._grpo_problems(world_size)
+        if self.stage == "dpo" and not self.init_from:
+            problems.append("stage='dpo' needs init_from (the model to improve, kept frozen as the reference)")
         if self.train.precision not in TRAINING_PRECISIONS:
             problems.append(f"train.precision={self.train.precision!r} (auto, fp32 or bf16)")
         if not 0 <= self.data.caption_dropout < 1:
@@ -223,6 +281,29 @@ class TrainConfig:
             problems.append(f"model.vae={self.model.vae!r} is not a VAE folder (run its VAE stage first)")
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
+
+    def _grpo_problems(self, world_size: int) -> list[str]:
+        if self.stage != "grpo":
+            return [] if self.grpo == GRPOSection() else [f"[grpo] is set but stage={self.stage!r} does not read it"]
+        problems = self.grpo.problems()
+        if not self.init_from:
+            problems.append("stage='grpo' needs init_from (the model to improve; with grpo.kl_weight also the "
+                            "frozen reference)")
+        if world_size >= 1 and self.grpo.prompts_per_step % world_size:
+            problems.append(f"grpo.prompts_per_step={self.grpo.prompts_per_step} is not divisible by "
+                            f"{world_size} ranks")
+        first = self.data.sources[0] if self.data.sources else None
+        if self.grpo.prompts:
+            if not Path(self.grpo.prompts).is_file():
+                problems.append(f"grpo.prompts={self.grpo.prompts!r} does not exist (a text file, one prompt a line)")
+        elif first is None or first.kind != "shapes" or first.edits:
+            problems.append("stage='grpo' without grpo.prompts draws its prompts from data.sources[0], which "
+                            "must be a text-to-image shapes source (kind = \"shapes\", edits = false)")
+        try:
+            GenerationSettings().with_overrides(**self.grpo.rollout_settings)
+        except (TypeError, ValueError) as e:
+            problems.append(f"grpo.rollout_settings: {e}")
+        return problems
 
 
 def _exists(path: str) -> bool:

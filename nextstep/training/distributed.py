@@ -2,9 +2,11 @@
 
 Single process: plain module, checkpoints as one safetensors file (`CheckpointManager.save`).
 Under `torchrun --nproc_per_node N -m nextstep train CONFIG` (gloo on CPU,
-NCCL on GPUs, multi-node by torchrun's usual flags): every decoder layer and
-the root module are sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`),
-and checkpoints are saved with `torch.distributed.checkpoint` (DCP): each rank
+NCCL on GPUs, multi-node by torchrun's usual flags): the model is built on the
+meta device and sharded with FSDP2 before any rank allocates it (`sharding.py`:
+every decoder layer, the flow head and the root; `[distributed]` mixed precision),
+the export is written tensor by tensor from the shards (`export.py`), and
+checkpoints are saved with `torch.distributed.checkpoint` (DCP): each rank
 writes its own shards into `step_N/sharded/`, rank 0 adds `meta.json` and renames
 the folder into place. Multi-node runs need `out_dir` on a filesystem every node
 sees.
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from ..data.stream import DataError, DoneSet
 from ..model import NextStep
 from .checkpoint import SHARDED, TENSORS, CheckpointManager, flatten_optimizer, unflatten_optimizer
+from .config import DistributedSection
 
 logger = logging.getLogger("nextstep.training")
 
@@ -92,20 +95,18 @@ def teardown(env: Env) -> None:
         tdist.destroy_process_group()
 
 
-def wrap(model: NextStep, env: Env) -> nn.Module:
-    """FSDP2-shard the model across ranks (each decoder layer, then the rest); as is on one process.
+def wrap(model: NextStep, env: Env, section: DistributedSection | None = None) -> nn.Module:
+    """FSDP2-shard the model across ranks (see `sharding.shard`); as is on one process, or if
+    `build_parts` already built it sharded (from the meta device).
 
-    Parameters stay fp32 (bf16 comes from autocast, as on one process), so the
-    sharded run computes what the single-process run does.
+    With the default `[distributed]` the parameters stay fp32 (bf16 comes from autocast, as on
+    one process), so the sharded run computes what the single-process run does.
     """
-    if not env.distributed:
-        return model
-    from torch.distributed.fsdp import fully_shard
+    from .sharding import is_sharded, shard
 
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
+    if not env.distributed or is_sharded(model):
+        return model
+    return shard(model, section or DistributedSection(), env.device)
 
 
 def sum_over_ranks(values: dict[str, float], env: Env) -> dict[str, float]:
@@ -320,16 +321,23 @@ def full_model(trained: nn.Module, model: NextStep, env: Env, device: str | torc
     """
     if not env.distributed:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Gathered one tensor at a time and cast at once: rank 0 holds the model in `dtype` plus one
+    # float32 tensor, never the float32 model.
+    state: dict[str, Tensor] = {}
+    for name, value in trained.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if env.is_main:
+            state[name] = whole.detach().to(device, dtype if whole.is_floating_point() else whole.dtype)
+        del whole
     if not env.is_main:
         return None
     with torch.device("meta"):
         full = NextStep(model.config)
-    if model.config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-    full.load_state_dict(state, assign=True)
+    full.load_state_dict(state, strict=not model.config.tie_word_embeddings, assign=True)
     if model.config.tie_word_embeddings:
         full.lm_head.weight = full.embed_tokens.weight
-    return full.to(device, dtype)
+    return full

@@ -7,7 +7,9 @@ start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
-nextstep train recipes/shapes                     # stages 1-16 in order; stops before the DPO stage
+for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order (17, DPO, is not shipped)
+    [ -e "$(grep -m1 '^out_dir' "$stage" | cut -d'"' -f2)/DONE" ] || nextstep train "$stage" --resume
+done
 # ship stage 16 (on the dark-trained VAE, which its export carries), keeping the model card that
 # ships with it (the only copy in the repository; update its scores after the evaluations below)
 python -m nextstep.training.ship runs/shapes/16-long-cycle/export nextstep/assets/shapes \

@@ -1,0 +1,181 @@
+"""`stage = "grpo"`: NextStep-GRPO as a stage kind of `nextstep train` (see `grpo.py` for the objective).
+
+Each step: the step's prompts (captions of the shapes world, drawn with the
+training seed: prompt j of step s is world sample s * P + j) are dealt to the
+ranks (rank r takes j = r, r + R, ...). Every prompt gets G rollouts with the
+current policy, whose noise comes from a seed of (seed, step, j): a step's
+rollouts are a function of the seed, the step, the prompt and the model only,
+so N ranks sample what one process does and a resumed run what an
+uninterrupted one did. The rewards' group-normalised advantages then weight
+one teacher-forced pass per rank (one forward and one backward, as FSDP
+wants) over every rollout of that rank, at a random subset of the flow steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..pipeline import NextStepPipeline
+from ..sampling.requests import GenerationRequest
+from ..settings import SEED_MODULUS
+from ..shapes.dataset import ShapesConfig, make_sample
+from ..shapes.world import CATEGORIES
+from . import distributed as dist
+from .grpo import NO_GUIDANCE, clipped_objective, gaussian_kl, group_advantages
+from .rewards import checked_scores, load_reward
+from .rollout import Rollout, rollout, transition_log_probs, transition_means
+from .stages import StageContext, init_defaults, reference_model
+from .supervised import draw_seed
+
+
+class GRPOStage:
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        config, env = ctx.config, ctx.env
+        self.grpo = g = config.grpo
+        self.pipe = NextStepPipeline(ctx.model, ctx.vae, ctx.tokenizer, init_defaults(config))
+        own = self.pipe.settings.with_overrides(**g.rollout_settings)
+        noise_level = own.noise_level if g.noise_level is None else g.noise_level
+        self.settings = own.with_overrides(cfg=NO_GUIDANCE, sampler=g.sampler, noise_level=noise_level)
+        self.reward = load_reward(g.reward)
+        self.reference = reference_model(config, env.device) if g.kl_weight > 0 else None
+        self.prompt_lines: list[str] = []
+        if g.prompts:
+            self.prompt_lines = [line.strip() for line in Path(g.prompts).read_text().splitlines() if line.strip()]
+            if not self.prompt_lines:
+                raise ValueError(f"grpo.prompts={g.prompts!r} holds no prompts")
+        else:
+            self.world = ShapesConfig(seed=config.seed, dark_prob=config.data.sources[0].dark_prob)
+        # The text head is never scored here: frozen, so that every trained parameter has a gradient
+        # and optimizer state (a checkpoint's optimizer state must cover every parameter it trains).
+        if not ctx.model.config.tie_word_embeddings:
+            ctx.model.lm_head.requires_grad_(False)
+        self.forward_hidden = ctx.model.forward_hidden
+        if env.distributed:  # run forward_hidden through FSDP's hooks (all-gather, gradient reduce-scatter)
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(ctx.trained, "forward_hidden")
+            self.forward_hidden = ctx.trained.forward_hidden
+
+    # ------------------------------------------------------------------ rollouts
+    def prompts(self, step: int) -> list[tuple[int, str, str]]:
+        """(j, caption, category) of every prompt of the step (all ranks'); a file's prompts have no category."""
+        P = self.grpo.prompts_per_step
+        if self.prompt_lines:
+            lines = self.prompt_lines
+            return [(j, lines[(step * P + j) % len(lines)], "") for j in range(P)]
+        samples = [make_sample(self.world, step * P + j) for j in range(P)]
+        return [(j, s.caption, s.category) for j, s in enumerate(samples)]
+
+    def request(self, step: int, prompts: list[tuple[int, str, str]], width: int) -> GenerationRequest:
+        """One batch of G rows per prompt, each prompt left-padded to `width` tokens (the step's
+        longest prompt, whichever rank has it: a row's positions do not depend on the rank)."""
+        parts = []
+        for j, caption, _ in prompts:
+            seed = draw_seed(self.ctx.config.seed, step, "rollout", j) % SEED_MODULUS
+            r = self.pipe.prepare(caption, None, self.grpo.group_size, seed, self.settings, plain=True)
+            pad = width - r.prompt_length
+            ids = torch.nn.functional.pad(r.input_ids, (pad, 0), value=self.ctx.tokenizer.pad_id)
+            mask = torch.nn.functional.pad(r.attention_mask, (pad, 0), value=0)
+            parts.append(replace(r, input_ids=ids, attention_mask=mask))
+        return replace(parts[0], input_ids=torch.cat([p.input_ids for p in parts]),
+                       attention_mask=torch.cat([p.attention_mask for p in parts]),
+                       noise=torch.cat([p.noise for p in parts], dim=2))
+
+    @torch.no_grad()
+    def sample(self, request: GenerationRequest) -> Rollout:
+        trained = self.ctx.trained
+        sharded = hasattr(trained, "unshard")  # FSDP2: gather the root's own weights for the whole loop
+        if sharded:
+            # FSDP2 must see a forward of the root before any of a layer (it decides which is the root
+            # then); the rollout calls the layers directly, so one tiny root pass goes first.
+            ids = torch.full((1, 1), self.ctx.tokenizer.pad_id, device=self.ctx.env.device)
+            self.forward_hidden(ids)
+            trained.unshard()
+        try:
+            with self.ctx.autocast:
+                return rollout(self.ctx.model, request)
+        finally:
+            if sharded:
+                trained.reshard()
+
+    def flow_steps(self, step: int, stochastic: list[int]) -> list[int]:
+        """The step's random subset of the stochastic flow steps (the same on every rank)."""
+        k = max(1, round(self.grpo.step_fraction * len(stochastic)))
+        g = torch.Generator().manual_seed(draw_seed(self.ctx.config.seed, step, "flow-steps"))
+        return sorted(stochastic[i] for i in torch.randperm(len(stochastic), generator=g)[:k].tolist())
+
+    # ------------------------------------------------------------------ the step
+    def accumulate_gradients(self, step: int) -> dict[str, float]:
+        ctx, env, g = self.ctx, self.ctx.env, self.grpo
+        everything = self.prompts(step)
+        width = max(self.pipe.prompt_length(c, None, self.settings, plain=True) for _, c, _ in everything)
+        mine = everything[env.rank::env.world_size]
+        ro = self.sample(self.request(step, mine, width))
+        images = self.pipe.decode_tokens(ro.tokens, ro.grid)
+        captions = [c for _, c, _ in mine for _ in range(g.group_size)]
+        rewards = torch.tensor(checked_scores(self.reward(images, captions, [None] * len(images)),
+                                              len(images), g.reward))
+        advantages, keep = group_advantages(rewards, g.group_size, g.reject_mean_above)
+        steps = self.flow_steps(step, ro.stochastic)
+        n_terms = ro.tokens.shape[1] * len(steps)  # per image
+        kept = dist.sum_over_ranks({"kept": float(keep.sum())}, env)["kept"]
+
+        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "terms": float(keep.sum()) * n_terms}
+        # Every rank always runs the pass (FSDP's collectives), with zero weights for dropped groups;
+        # when every group is dropped the gradients are zero and AdamW's step only decays its moments.
+        device = env.device
+        with ctx.autocast:
+            means = transition_means(ctx.model, self.forward_hidden, ro, steps)
+        logp = transition_log_probs(means, ro, steps)
+        old = ro.log_probs[:, :, [ro.stochastic.index(s) for s in steps]].to(device)
+        objective, clipped = clipped_objective(logp, old, advantages.to(device)[:, None, None], g.clip_range)
+        weight = keep.to(device, torch.float32)[:, None, None] / max(kept * n_terms, 1)
+        loss = (objective * weight).sum()
+        if self.reference is not None:
+            with torch.no_grad(), ctx.autocast:
+                ref_means = transition_means(self.reference, self.reference.forward_hidden, ro, steps)
+            sigma = ro.sigmas(steps).to(device)[:, None]
+            kl = (gaussian_kl(means, ref_means, sigma) * weight).sum()
+            loss = loss + g.kl_weight * kl
+            sums["kl"] = kl.item() * kept * n_terms  # summed over terms, like "clipped"
+        (loss * env.world_size).backward()  # FSDP averages the ranks' gradients
+        sums["loss"] = loss.item()
+        sums["clipped"] = float((clipped & keep.to(device)[:, None, None]).sum())
+
+        sums.update(samples=float(len(images)), images=float(len(images)), reward=float(rewards.sum()),
+                    reward_sq=float(rewards.pow(2).sum()), groups=float(len(mine)),
+                    rejected_groups=float(len(mine) - int(keep.sum()) // g.group_size))
+        passed = (rewards == 1.0).tolist()
+        for cat in CATEGORIES:  # every key on every rank: the ranks sum them in one list
+            mask = [c == cat for _, _, c in mine for _ in range(g.group_size)]
+            sums[f"n_{cat}"] = float(sum(mask))
+            sums[f"pass_{cat}"] = float(sum(p for p, m in zip(passed, mask) if m))
+        return sums
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = sums["images"]
+        mean = sums["reward"] / n
+        out = {"loss": sums["loss"], "reward_mean": mean,
+               "reward_std": math.sqrt(max(sums["reward_sq"] / n - mean**2, 0.0)),
+               "clip_fraction": sums["clipped"] / sums["terms"] if sums["terms"] else 0.0,
+               "rejected_groups": sums["rejected_groups"], "groups": sums["groups"]}
+        if self.reference is not None:
+            out["kl"] = sums["kl"] / sums["terms"] if sums["terms"] else 0.0
+        for cat in CATEGORIES:
+            if sums[f"n_{cat}"]:
+                out[f"pass_{cat}"] = sums[f"pass_{cat}"] / sums[f"n_{cat}"]
+        return out
+
+    def postfix(self, record: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{record['reward_mean']:.3f}", "rejected": f"{record['rejected_groups']:.0f}"}
+
+    def state_dict(self) -> list[dict]:
+        return []  # a step's prompts and noise are functions of (seed, step): nothing to remember
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        pass

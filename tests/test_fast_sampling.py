@@ -1,0 +1,126 @@
+"""Fast sampling: the fused flow update, step schedules, and the token loop's thread choice."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nextstep import NextStepPipeline
+from nextstep.cli.common import SETTING_FLAGS
+from nextstep.sampling import FlowSampler
+from nextstep.sampling.flow import STEP_SCHEDULE_PRESETS, STEP_SCHEDULES
+from nextstep.sampling.threads import SINGLE_THREAD_MACS, intra_op_threads, token_loop_threads
+from nextstep.settings import GenerationSettings, InvalidSettings
+
+from .conftest import assert_close
+
+
+@pytest.fixture(scope="module")
+def pipe(ref10) -> NextStepPipeline:
+    return NextStepPipeline.from_pretrained(ref10 / "model", ref10 / "vae", device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["euler_maruyama", "sde", "cps", "ode"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_fused_update_equals_the_general_path(pipe, kind, groups):
+    """The fp32 path folds guidance, the final bias and the noise into one addmm per step; it
+    computes what the step-by-step path (used under bf16 and autocast) computes."""
+    g = torch.Generator().manual_seed(0)
+    sampler = FlowSampler(kind, num_steps=6)
+    c = torch.randn(groups * 2, 64, generator=g)
+    noise = torch.randn(sampler.noise_draws, 2, 64, generator=g)
+    fused = sampler.prepare(pipe.model.image_head.net, torch.device("cpu"))
+    general = sampler.prepare(pipe.model.image_head.net, torch.device("cpu"))
+    general.fused_update = False
+    assert fused.fused_update
+    with torch.no_grad():
+        want = general.sample(c, noise, groups, 3.0, 2.0)
+        assert_close(fused.sample(c, noise, groups, 3.0, 2.0), want, 1e-5, kind)
+        # Extra noise draws (a step schedule passes the longest schedule's) are ignored.
+        longer = torch.cat([noise, torch.randn(3, 2, 64, generator=g)])
+        assert torch.equal(fused.sample(c, longer, groups, 3.0, 2.0), fused.sample(c, noise, groups, 3.0, 2.0))
+
+
+def test_step_schedules_fall_and_save_head_evaluations():
+    """Presets start at the official count, never rise, respect the sampler's minimum, and
+    `anneal` needs at least 2.3x fewer flow-head evaluations per 16- or 64-token image."""
+    assert STEP_SCHEDULES[0] == "fixed" and set(STEP_SCHEDULES[1:]) == set(STEP_SCHEDULE_PRESETS)
+    assert FlowSampler(num_steps=20).token_steps(64) == [20] * 64
+    for name in STEP_SCHEDULE_PRESETS:
+        for kind in ("euler_maruyama", "ode"):
+            steps = FlowSampler(kind, num_steps=20, step_schedule=name).token_steps(64)
+            assert steps[0] == 20 and all(a >= b for a, b in zip(steps, steps[1:])), name
+            assert min(steps) >= FlowSampler(kind).min_steps and steps[-1] < 20
+    for n in (16, 64):
+        annealed = FlowSampler(num_steps=20, step_schedule="anneal").token_steps(n)
+        assert 20 * n / sum(annealed) >= 2.3
+    with pytest.raises(ValueError, match="unknown step schedule 'slow'"):
+        FlowSampler(step_schedule="slow")
+
+
+def test_a_step_schedule_changes_only_the_later_tokens(pipe):
+    """Token 0 keeps the official count, so it is the same token; later tokens use fewer steps,
+    each from the first draws of its noise, and differ."""
+    tokens = {}
+    for schedule in ("fixed", "anneal"):
+        s = pipe.settings.with_overrides(step_schedule=schedule, num_sampling_steps=10, hw=(64, 64), cfg=3.0)
+        request = pipe.prepare("a red fox", None, 1, 7, s)
+        assert request.sampler.step_schedule == schedule
+        tokens[schedule] = pipe.sample_tokens(request)
+    fixed, annealed = tokens["fixed"], tokens["anneal"]
+    assert torch.equal(fixed[:, 0], annealed[:, 0])
+    assert not torch.allclose(fixed[:, -1], annealed[:, -1])
+
+
+def test_step_schedule_is_a_setting_everywhere():
+    assert GenerationSettings().step_schedule == "fixed"
+    with pytest.raises(InvalidSettings) as e:
+        GenerationSettings(step_schedule="fastest")
+    assert e.value.names == ["step_schedule"]
+    flags = {flag: field for flag, field, _, _ in SETTING_FLAGS}
+    assert flags["--step-schedule"] == "step_schedule"
+    from nextstep.serving.api import SETTING_EXTRAS, GenerationBody
+
+    assert "step_schedule" in SETTING_EXTRAS and "step_schedule" in GenerationBody.model_fields
+
+
+def test_thread_choice_follows_the_size_of_the_work():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert token_loop_threads(2, 256, 768, cpu) == 1  # batch 1 with CFG on the bench model
+        assert token_loop_threads(8, 256, 768, cpu) is None  # batch 4: enough work for both threads
+        assert token_loop_threads(2, 5120, 13824, cpu) is None  # a large model
+        assert token_loop_threads(2, 256, 768, cuda) is None
+        assert 2 * 256 * 768 < SINGLE_THREAD_MACS <= 8 * 256 * 768
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), intra_op_threads(1):
+            raise RuntimeError("restored even on error")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_token_loop_restores_the_thread_setting(pipe):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        s = pipe.settings.with_overrides(hw=(64, 64), num_sampling_steps=3)
+        pipe.sample_tokens(pipe.prepare("a cat", None, 1, 1, s))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_compile_option_defaults_by_device(pipe):
+    from nextstep.sampling.compiled import compile_default
+
+    assert compile_default(torch.device("cuda"), None) and not compile_default(torch.device("cpu"), None)
+    assert compile_default(torch.device("cpu"), True) and not compile_default(torch.device("cuda"), False)
+    assert pipe.compiled is None  # CPU pipelines run eagerly unless asked
+    assert dataclasses.fields(FlowSampler)[-1].name == "step_schedule"
