@@ -190,10 +190,7 @@ def write_stage(folder: Path, init_from: Path, pairs: Path, out: str = "run", st
 
 
 def test_dpo_stage_trains_and_resumes_bit_identically_after_sigkill(tmp_path, tiny_export):
-    import signal
-    import time
-
-    from .test_train import metrics, run_train
+    from .test_train import kill_mid_run, metrics, run_train
 
     pairs = make_pair_file(tmp_path, edit_source=True)
     from nextstep.training.config import TrainConfig
@@ -208,16 +205,8 @@ def test_dpo_stage_trains_and_resumes_bit_identically_after_sigkill(tmp_path, ti
     assert (tmp_path / "whole" / "export" / "model.safetensors").is_file()
 
     cut = write_stage(tmp_path, tiny_export, pairs, out="cut")
-    proc = run_train(cut, wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it mid-training, past a checkpoint
-        path = tmp_path / "cut" / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 8 <= len(metrics(tmp_path / "cut")) < 16, "the run was not interrupted mid-way"
+    lines = kill_mid_run(cut, tmp_path / "cut", 8)  # mid-training, past a checkpoint
+    assert 8 <= lines < 16, "the run was not interrupted mid-way"
     run_train(cut, "--resume")
     keys = [k for k in done[0] if k != "samples_per_s"]
     assert [[m[k] for k in keys] for m in metrics(tmp_path / "cut")] == [[m[k] for k in keys] for m in done]

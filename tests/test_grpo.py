@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -202,20 +200,11 @@ RESUME_COMPARED = ("step", "loss", "reward_mean", "reward_std", "clip_fraction",
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
-    from tests.test_train import run_train
+    from tests.test_train import kill_mid_run, run_train
 
     run_train(write_config(tmp_path, tiny, "whole", 10))
     cut = write_config(tmp_path, tiny, "cut", 10)
-    proc = run_train(cut, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it mid-run, past its first checkpoint (step 5)
-        path = tmp_path / "cut" / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    lines = len(metrics(tmp_path / "cut"))
+    lines = kill_mid_run(cut, tmp_path / "cut", 6)  # mid-run, past its first checkpoint (step 5)
     assert 6 <= lines < 10, f"the run was not interrupted mid-way ({lines} steps logged)"
     run_train(cut, "--resume")
     whole, resumed = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")

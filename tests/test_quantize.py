@@ -19,8 +19,8 @@ from nextstep import NextStepPipeline
 from nextstep.cli import main
 from nextstep.errors import CheckpointError
 from nextstep.io import checkpoint, load_model, save_model
-from nextstep.quantize import (QUANTIZED_LINEARS, QuantizationError, check_mode, is_quantized, quantize_model,
-                               weight_bytes)
+from nextstep.quantize import (QUANTIZED_LINEARS, QuantizationError, check_mode, is_quantized, linear_quantizer,
+                               quantize_model, weight_bytes)
 
 CPU = torch.device("cpu")
 MIN_PSNR_DB = 30.0  # issue 24: int8 images against float32 on the parity fixtures
@@ -143,6 +143,21 @@ def test_int8_decoder_outputs_follow_the_unquantized_ones(ref10: Path, dtype: st
             out[mode] = pipe.model.forward_hidden(ids).float()
     error = (out["int8"] - out[None]).norm() / out[None].norm()
     assert 0 < error < 0.05, f"relative error {error:.4f} under {dtype}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cpu_linears_multiply_by_the_dequantized_weights(dtype: torch.dtype) -> None:
+    """The CPU path (PyTorch's fused int8-weight matmul) computes what the int8 weights and scales mean."""
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    linear_quantizer("int8", CPU, dtype)(linear)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w = linear.weight.qdata.float() * linear.weight.scale.float()
+    expected = x.float() @ w.t() + linear.bias.float()
+    with torch.no_grad():
+        y = linear(x)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(y.float(), expected, rtol=tolerance, atol=tolerance)
 
 
 # ---------------------------------------------------------------------- where it is refused

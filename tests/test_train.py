@@ -53,6 +53,21 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_mid_run(config: Path, run: Path, past_lines: int, timeout: float = 240) -> int:
+    """Start `nextstep train config`, SIGKILL it once `run/metrics.jsonl` has `past_lines` lines
+    (past a checkpoint), and return how many steps it had logged."""
+    proc = run_train(config, wait=False)
+    deadline = time.time() + timeout
+    path = run / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= past_lines:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(metrics(run))
+
+
 def same_losses(a: list[dict], b: list[dict]) -> bool:
     return [[m[k] for k in COMPARED] for m in a] == [[m[k] for k in COMPARED] for m in b]
 
@@ -154,16 +169,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):
     whole = write_config(tmp_path, ref10 / "vae", out="whole")
     run_train(whole)
     cut = write_config(tmp_path, ref10 / "vae", out="cut")
-    proc = run_train(cut, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it mid-training, past its first checkpoint
-        path = tmp_path / "cut" / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 25:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    lines = len(metrics(tmp_path / "cut"))
+    lines = kill_mid_run(cut, tmp_path / "cut", 25)  # mid-training, past its first checkpoint
     assert 25 <= lines < 40, f"the run was not interrupted mid-way ({lines} steps logged)"
     run_train(cut, "--resume")
     assert same_losses(metrics(tmp_path / "cut"), metrics(tmp_path / "whole"))
