@@ -10,6 +10,9 @@ Modes (weight-only: activations and matmul outputs keep the load dtype):
 - "int8": int8 weights with one float32 scale per output row
   (`Int8WeightOnlyConfig`). Runs wherever torch runs: CPU and CUDA, float32,
   bfloat16 and "bf16-mixed" (float32 weights, bf16 matmuls under autocast).
+  On the CPU the matmuls go through PyTorch's fused int8-weight kernel
+  (`torch._weight_int8pack_mm`) rather than torchao's, which makes a
+  full-precision copy of each weight on every call.
 - "int4": 4-bit weights in groups of `INT4_GROUP_SIZE` along the input, with a
   bfloat16 scale and zero point per group (`Int4WeightOnlyConfig`, the
   "tile_packed_to_4d" layout of PyTorch's tinygemm kernel). That kernel is
