@@ -281,6 +281,8 @@ def test_a_poisoned_request_in_a_shared_call_fails_alone(served, client, monkeyp
         return real(request, *args, **kwargs)
 
     monkeypatch.setattr(pipe, "sample_tokens", breaks_on_green)
+    # A wide gathering window, so the four requests share a call however slow the machine is.
+    monkeypatch.setattr(served.engine, "gather_s", 1.0)
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda p: httpx.post(served.url + "/v1/images/generations", headers=AUTH, timeout=120,
                                                      json={"prompt": p, "seed": 5, "steps": STEPS}), good + [poison]))
