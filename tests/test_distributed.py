@@ -67,9 +67,11 @@ def train(config: Path, ranks: int, *extra: str, check: bool = True) -> subproce
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "nextstep", "train", str(config), *extra]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
-    if ranks > 1 and proc.returncode != 0 and check:
+    port_taken = "address already in use" in proc.stderr.lower() or "eaddrinuse" in proc.stderr.lower()
+    if ranks > 1 and proc.returncode != 0 and check and port_taken:
         # free_port() can race with another process taking the port before the launcher binds it
-        # (seen once in a full run); a real bug fails the second launch too.
+        # (seen once in a full run). Any other failure is reported as it is: a second launch would
+        # only find the first one's files and hide its error.
         warnings.warn(f"{ranks}-rank launch failed, retrying on another port: {proc.stderr[-1500:]}")
         cmd[cmd.index("--master_port") + 1] = str(free_port())
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
