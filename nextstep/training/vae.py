@@ -64,7 +64,6 @@ never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -80,6 +79,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_write
+from ..sampling.threads import intra_op_threads
 from ..vae.autoencoder import AutoencoderKL
 from .checkpoint import CheckpointManager, flatten_optimizer, unflatten_optimizer
 from .config_file import to_dict
@@ -159,19 +159,6 @@ def load_heldout(config: DataConfig, n: int) -> Tensor:
 # --------------------------------------------------------------------------- run folder
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    if n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _export(model: AutoencoderKL, folder: Path) -> None:
     """save_pretrained into a fresh folder, then swap it in: `folder` is never half written."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -223,7 +210,7 @@ def train_vae(config: VAETrainConfig, resume: bool = False, progress: bool = Tru
         if step > config.steps:
             raise ConfigError(f"cannot resume {run}: its checkpoint is at step {step}, past steps = {config.steps}")
 
-    with _threads(config.threads):
+    with intra_op_threads(config.threads if config.threads > 0 else None):
         # The model's initial weights depend on the seed only, not on the caller's RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
