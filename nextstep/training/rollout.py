@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from ..model import KVCache, NextStep
 from ..model.decoder import rope_tables
+from ..model.flow_head import FusedFlowNet
 from ..model.nextstep import unpatchify
 from ..sampling.autoregressive import decode_one_token, prefill
 from ..sampling.flow import FlowSampler
@@ -72,7 +74,18 @@ def rollout(model: NextStep, request: GenerationRequest) -> Rollout:
     """Sample the request's images (one guidance group) and record every flow step."""
     if request.groups != 1 or request.latents is not None:
         raise ValueError("GRPO rollouts are text-to-image without guidance (one row group)")
-    r = request
+    head = model.image_head.net
+    sharded = isinstance(head, FSDPModule)  # under torchrun: the fused head reads whole weights, not shards
+    if sharded:
+        head.unshard()
+    try:
+        return _sample(model, request)
+    finally:
+        if sharded:
+            head.reshard()
+
+
+def _sample(model: NextStep, r: GenerationRequest) -> Rollout:
     steps = Transitions.of(r.sampler)
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     rows, T = r.input_ids.shape
@@ -82,7 +95,11 @@ def rollout(model: NextStep, request: GenerationRequest) -> Rollout:
     key_valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
     key_valid[:, :T] = r.attention_mask.bool()
     rope = rope_tables(torch.arange(max_len, device=device), model.config.head_dim, model.config.rope_theta, dtype)
-    net = model.image_head.net
+    # The pipeline's fused form of the head (the same function as `FlowNet.forward`): every step's
+    # adaLN modulation of a token in one matmul, so its largest weight is read once per token.
+    head = model.image_head.net
+    net = FusedFlowNet(head)
+    t_emb = head.time_embed(steps.times.to(device))  # (S, dim)
     noise = r.noise.to(device)
     coefs = r.sampler.step_coefficients()
     stochastic = [i for i, (_, _, sigma) in enumerate(coefs) if sigma > 0]
@@ -92,11 +109,11 @@ def rollout(model: NextStep, request: GenerationRequest) -> Rollout:
     for k in range(n_tokens):
         if r.pos_embed is not None:
             h = h + r.pos_embed[k]
-        c = model.image_out_projector(h)
+        mod = net.modulation(t_emb, model.image_out_projector(h))  # (S, rows, ...)
         x = noise[k, 0].float()
         token_states, token_logp = [x], []
         for i, (a, b, sigma) in enumerate(coefs):
-            v = net(x.to(dtype), steps.times[i].to(device).expand(rows), c).float()
+            v = net.velocity(x.to(dtype), mod[i]).float()
             mean = a * x + b * v
             x = mean + sigma * noise[k, i + 1].float() if sigma > 0 else mean
             if sigma > 0:
