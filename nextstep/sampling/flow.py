@@ -55,13 +55,10 @@ def guide(v: Tensor, groups: int, cfg: float, cfg_img: float, normalize: bool = 
     """
     if groups == 1:
         return v
-    if groups == 2:
-        c, u = v.chunk(2)
-        out = torch.lerp(u, c, cfg)  # u + cfg * (c - u)
-    else:
-        c, u1, u2 = v.chunk(3)
-        out = torch.lerp(u2, u1, cfg_img).add_(c - u1, alpha=cfg)  # u2 + cfg_img*(u1-u2) + cfg*(c-u1)
+    rows = v.unflatten(0, (groups, -1))
+    out = mix_rows(rows, guidance_weights(groups, cfg, cfg_img, v.dtype, v.device))
     if normalize:
+        c = rows[0]
         ratio = c.norm(dim=-1, keepdim=True) / (out.norm(dim=-1, keepdim=True) + 1e-6)
         out = out * ratio.clamp(0, 1)
     return out
@@ -254,5 +251,6 @@ def mix_rows(u: Tensor, scales: Tensor | None) -> Tensor:
     if scales is None:
         return u[0]
     if u.shape[0] == 2:
-        return torch.lerp(u[1], u[0], scales[0])
+        return torch.lerp(u[1], u[0], scales[0])  # u + cfg (c - u)
+    # u2 + cfg_img (u1 - u2) + cfg (c - u1)
     return torch.addcmul(torch.lerp(u[2], u[1], scales[1]), u[0] - u[1], scales[0])
