@@ -13,6 +13,14 @@ cost at 256 vs 64 image tokens.
 `--busy` keeps one core busy with another process during the measurement (a shared machine);
 `--compile` runs the token loop compiled (Inductor on the CPU; its warm-up is reported apart).
 
+    python benchmarks/generate.py --think [--model DIR] [--runs 3] [--batches 4]
+
+`--think` measures the cost of self-CoT instead (docs/self-cot.md): `pipe.generate` on a few
+prompts with and without thinking, reporting text tokens per image and seconds per image each
+way. The bench model's random weights rarely stop early, so its thoughts run to
+`thought_max_tokens` (the upper bound); `--model DIR` (e.g. nextstep/assets/shapes) measures a
+trained model's own thought lengths at its own settings.
+
 OpenMP's wait policy is left at its default (spinning threads), the setting of the official
 1.48 / 0.45 s/image figures. On a busy shared machine spinning threads make runs erratic; then run
 `OMP_WAIT_POLICY=PASSIVE python benchmarks/generate.py` (the fixture README's 2-thread setting,
@@ -48,6 +56,8 @@ OFFICIAL_S_PER_IMAGE = {1: 1.48, 4: 0.45}
 OFFICIAL_BY_SETTING = {(1, "any"): {1: 1.58, 4: 0.57}, (2, "PASSIVE"): {1: 2.07, 4: 0.73}}
 CAPTION = "A red fox in the snow, oil painting"
 NEGATIVE = "blurry, low quality, watermark"
+THINK_PROMPTS = ["a red circle", "two blue squares on a dark background", "a green triangle above a purple circle",
+                 "three yellow circles"]
 
 
 def build_pipeline(fixture: Path, dtype: torch.dtype, seed: int) -> NextStepPipeline:
@@ -166,10 +176,17 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
     ap.add_argument("--compile", action="store_true", help="the token loop compiled (Inductor on the CPU)")
     ap.add_argument("--step-schedule", choices=STEP_SCHEDULES, default=None, help="flow steps per token")
+    ap.add_argument("--think", action="store_true", help="measure the cost of thinking (self-CoT) instead")
+    ap.add_argument("--model", type=Path, default=None, help="with --think: a model folder instead of the bench model")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.think:
+        pipe = (NextStepPipeline.from_pretrained(args.model, device="cpu") if args.model is not None
+                else build_pipeline(args.fixture, dtype, args.seed))
+        thinking_cost(pipe, args.runs, args.batches[-1], args.model is None)
+        return
     pipe = build_pipeline(args.fixture, dtype, args.seed)
     if args.compile:
         pipe.compiled = CompiledLoop(torch.device("cpu"))
@@ -184,6 +201,49 @@ def main() -> None:
         if hog is not None:
             hog.terminate()
             hog.join()
+
+
+def thinking_cost(pipe: NextStepPipeline, runs: int, n: int, bench: bool) -> None:
+    """Seconds per image of `pipe.generate(THINK_PROMPTS, n=n)` with and without thinking (one
+    warm-up + median of `runs` each), and the text tokens sampled per image when thinking."""
+    settings = pipe.settings
+    if bench:  # the main table's settings
+        settings = settings.with_overrides(hw=(128, 128), cfg=3.0, num_sampling_steps=20, use_norm=True)
+    lengths: list[int] = []
+    write = pipe.write
+
+    def counted(*a, **k):
+        ids = write(*a, **k)
+        lengths.extend(len(t) for t in ids)
+        return ids
+
+    pipe.write = counted
+    images = len(THINK_PROMPTS) * n
+    seconds, cpu = {}, {}
+    for think in (False, True):
+        s = settings.with_overrides(think=think)
+        seeds = list(range(len(THINK_PROMPTS)))
+        pipe.generate(THINK_PROMPTS, s, seeds, n)  # warm-up
+        lengths.clear()
+        times, cpu_times = [], []
+        for _ in range(runs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            pipe.generate(THINK_PROMPTS, s, seeds, n)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+        seconds[think] = statistics.median(times) / images
+        cpu[think] = statistics.median(cpu_times) / images
+    tokens = sum(lengths) / len(lengths)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {'bench model' if bench else 'model'}: "
+          f"{len(THINK_PROMPTS)} prompts x {n} images, hw {settings.hw}, {settings.num_sampling_steps} steps, "
+          f"thought_max_tokens {settings.thought_max_tokens}, 1 warm-up + median of {runs}")
+    # CPU seconds as well: on a shared machine the wall clock also counts the time others ran.
+    print(table(["mode", "s/image", "cpu s/image", "text tokens/image"],
+                [["no thinking", f"{seconds[False]:.3f}", f"{cpu[False]:.3f}", "0"],
+                 ["thinking", f"{seconds[True]:.3f}", f"{cpu[True]:.3f}", f"{tokens:.1f}"]]))
+    print(f"thinking costs {seconds[True] / seconds[False]:.2f}x the time per image "
+          f"(+{seconds[True] - seconds[False]:.3f} s/image; {cpu[True] / cpu[False]:.2f}x in CPU time); "
+          f"1-min load average {os.getloadavg()[0]:.2f}")
 
 
 def run(args: argparse.Namespace, pipe: NextStepPipeline) -> None:

@@ -16,6 +16,10 @@ and the benchmarks call): a prompt that spells a special token or `<image>`
 gets ordinary text tokens, and an edit's source image goes where
 `settings.source_image` says. `generate_image` reads captions as markup, as
 the official code does.
+
+With `think=True` (a setting) the model first writes a thought with its LM head
+and then draws the image from caption + thought (self-CoT, docs/self-cot.md);
+`pipe(...).texts` holds the thoughts. `generate_text` continues plain text.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ from .io import load_model, save_model
 from .io.atomic import atomic_write
 from .io.images import pixels_to_pil
 from .model import NextStep, unpatchify
-from .prepare import RequestBuilder
 from .sampling.autoregressive import generate_tokens
 from .sampling.compiled import CompiledLoop, compile_default
 from .sampling.requests import GenerationRequest, merge_requests
 from .settings import (DEFAULT_SEED, GENERATION_DEFAULTS_FILE, SEED_MODULUS, GenerationSettings,
                        read_generation_defaults)
 from .text import TextTokenizer, with_image_tag
+from .thinking import TextWriter
 from .vae import AutoencoderKL
 
 DECODE_CHUNK = 8  # images per VAE decoder call (see decode_pixels)
@@ -73,9 +77,10 @@ class NextStepPipelineOutput:
     """What `pipe(...)` returns, like a diffusers pipeline output."""
 
     images: list[Image.Image]
+    texts: list[str]  # the thought of each image (think=True), else "" for each
 
 
-class NextStepPipeline(RequestBuilder):
+class NextStepPipeline(TextWriter):
     def __init__(self, model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer,
                  generation_defaults: dict[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
                  compile: bool | None = None) -> None:
@@ -183,8 +188,11 @@ class NextStepPipeline(RequestBuilder):
             h, w = images[0].height, images[0].width
         s = s.with_overrides(hw=(height or h, width or w))
         seed = seed_from(generator)
-        out = self.generate(prompts, s, [seed] * len(prompts), num_images_per_prompt, images)
-        return NextStepPipelineOutput([im for group in out for im in group])
+        out: list[tuple[list[Image.Image], list[str]]] = [([], [])] * len(prompts)
+        for i, group, thoughts in self.iter_generate(prompts, s, [seed] * len(prompts), num_images_per_prompt,
+                                                     images):
+            out[i] = (group, thoughts)
+        return NextStepPipelineOutput([im for group, _ in out for im in group], [t for _, ts in out for t in ts])
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings | None = None,
                  seeds: Sequence[int] | None = None, n: int = 1, images: Sequence[Image.Image] | None = None,
@@ -193,19 +201,22 @@ class NextStepPipeline(RequestBuilder):
         prompt i being the image of seed `seeds[i] + k`. Returns them grouped per prompt. Prompts are
         plain text; an edit's source image goes where `settings.source_image` says."""
         out: list[list[Image.Image]] = [[] for _ in prompts]
-        for i, group in self.iter_generate(prompts, settings, seeds, n, images, batch_images, progress):
+        for i, group, _ in self.iter_generate(prompts, settings, seeds, n, images, batch_images, progress):
             out[i] = group
         return out
 
     def iter_generate(self, prompts: Sequence[str], settings: GenerationSettings | None = None,
                       seeds: Sequence[int] | None = None, n: int = 1, images: Sequence[Image.Image] | None = None,
                       batch_images: int = BATCH_IMAGES, progress: bool = False
-                      ) -> Iterator[tuple[int, list[Image.Image]]]:
-        """`generate`, yielding (prompt index, its n images) as each prompt is done.
+                      ) -> Iterator[tuple[int, list[Image.Image], list[str]]]:
+        """`generate`, yielding (prompt index, its n images, their n thoughts) as each prompt is done.
 
         Every image is its own request (its prompt, its seed), and a model call only stacks
         requests whose prompt rows have the same length, so nothing is padded for a neighbour:
-        an image is the same whatever else is generated with it, or in what order."""
+        an image is the same whatever else is generated with it, or in what order.
+        With `settings.think` every image's thought is written first (with the image's seed,
+        see nextstep/thinking.py), and the image is drawn from its prompt + THOUGHT_OPEN +
+        thought; without, each thought is ""."""
         s = settings or self.settings
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         # Plain text: users' prompts cannot spell special tokens or place the source image.
@@ -215,22 +226,28 @@ class NextStepPipeline(RequestBuilder):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         if batch_images < 1:
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+        thoughts = [[""] * n for _ in prompts]
+        if s.think:
+            thoughts = self.write_thoughts(prompts, images, seeds, n, s, batch_images)
         jobs: dict[int, list[tuple[int, int]]] = {}  # prompt length -> [(prompt, k)], in order
         for i, p in enumerate(prompts):
-            length = self.prompt_length(p, None if images is None else images[i], s, plain=True)
-            jobs.setdefault(length, []).extend((i, k) for k in range(n))
+            for k in range(n):
+                length = self.prompt_length(p, None if images is None else images[i], s, plain=True,
+                                            thought=thoughts[i][k] if s.think else None)
+                jobs.setdefault(length, []).append((i, k))
         done: dict[int, dict[int, Image.Image]] = {i: {} for i in range(len(prompts))}
         with tqdm(total=len(prompts) * n, unit="image", disable=None if progress else True) as bar:  # None: TTY only
             for same_length in jobs.values():
                 for start in range(0, len(same_length), batch_images):
                     batch = same_length[start:start + batch_images]
                     requests = [self.prepare(prompts[i], None if images is None else images[i], 1,
-                                             (seeds[i] + k) % SEED_MODULUS, s, plain=True) for i, k in batch]
+                                             (seeds[i] + k) % SEED_MODULUS, s, plain=True,
+                                             thoughts=[thoughts[i][k]] if s.think else None) for i, k in batch]
                     merged = merge_requests(requests)
                     for (i, k), im in zip(batch, self.decode_tokens(self.sample_tokens(merged), merged.grid)):
                         done[i][k] = im
                         if len(done[i]) == n:
-                            yield i, [done[i][j] for j in range(n)]
+                            yield i, [done[i][j] for j in range(n)], thoughts[i]
                     bar.update(len(batch))
 
     def generate_image(

@@ -29,7 +29,7 @@ from .model.pos_embed import sincos_2d
 from .sampling import FlowSampler
 from .sampling.requests import GenerationRequest, guidance_schedule
 from .settings import GenerationSettings
-from .text import IMAGE_TAG, Plain, Row, TextTokenizer, image_block, image_prefix
+from .text import IMAGE_TAG, THOUGHT_OPEN, Plain, Row, TextTokenizer, image_block, image_prefix
 from .vae import AutoencoderKL, DiagonalGaussian
 
 
@@ -58,15 +58,21 @@ class RequestBuilder:
         return self.vae.down_factor * self.model.config.latent_patch_size
 
     def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int, s: GenerationSettings,
-                    plain: bool = False) -> tuple[list[Row], list[Image.Image], int]:
+                    plain: bool = False, thoughts: Sequence[str] | None = None
+                    ) -> tuple[list[Row], list[Image.Image], int]:
         """The prompt of every row, the source image of every row that has one, and the number of
         guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each. Markup rows
-        are strings; `plain` rows are pieces (see `Row`) in which user text is `Plain`."""
+        are strings; `plain` rows are pieces (see `Row`) in which user text is `Plain`.
+        `thoughts` (plain only; one per conditional row): each conditional row ends with
+        THOUGHT_OPEN + its thought; the unconditional rows carry none (docs/self-cot.md)."""
         edit = images is not None
         groups = 3 if edit and s.cfg_img != 1 else 2 if s.cfg != 1 else 1
         cond = [c for c in captions for _ in range(n)]
+        if thoughts is not None and (not plain or len(thoughts) != len(cond)):
+            raise ValueError(f"thoughts go with plain prompts, one per image: got {len(thoughts)} for {len(cond)}")
         row_images = [im for im in images for _ in range(n)] if edit else []
-        rows = [self._cond_row(c, row_images[i] if edit else None, s, plain) for i, c in enumerate(cond)]
+        rows = [self._cond_row(c, row_images[i] if edit else None, s, plain,
+                               None if thoughts is None else thoughts[i]) for i, c in enumerate(cond)]
         # uncond_1 keeps the source image but not the text; uncond_2 drops both
         if plain:
             negative: Row = (Plain(s.negative_prompt),)
@@ -86,16 +92,18 @@ class RequestBuilder:
         return self.tokenizer.batch(rows, self.tokenizer.encode(image_prefix(h_tok, w_tok)))
 
     def prompt_length(self, caption: str, image: Image.Image | None, s: GenerationSettings,
-                      plain: bool = False) -> int:
+                      plain: bool = False, thought: str | None = None) -> int:
         """Tokens in the prompt rows of one image of `caption` (requests merge only at equal length)."""
-        rows, _, _ = self.prompt_rows([caption], None if image is None else [image], 1, s, plain)
+        rows, _, _ = self.prompt_rows([caption], None if image is None else [image], 1, s, plain,
+                                      None if thought is None else [thought])
         return self._rows_to_ids(rows, s)[0].shape[1]
 
     def prepare(self, captions: str | Sequence[str], images: Image.Image | Sequence[Image.Image] | None,
-                n: int, seed: int, s: GenerationSettings, plain: bool = False) -> GenerationRequest:
+                n: int, seed: int, s: GenerationSettings, plain: bool = False,
+                thoughts: Sequence[str] | None = None) -> GenerationRequest:
         """Check the inputs and build everything the token loop needs (prompt ids, source latents,
         noise), drawing all randomness from one CPU generator seeded with `seed`. `plain`: the
-        captions are user text (see the module's docstring)."""
+        captions are user text (see the module's docstring). `thoughts`: see `prompt_rows`."""
         captions, images = self.check_inputs(captions, images, n, s, plain)
         family = FAMILIES[self.model.config.family]
         flow = FlowSampler(s.sampler or family.default_sampler, s.num_sampling_steps, s.timesteps_shift,
@@ -103,7 +111,7 @@ class RequestBuilder:
         config = self.model.config
         h_tok, w_tok = s.hw[0] // self.down_factor, s.hw[1] // self.down_factor
         n_tokens = h_tok * w_tok
-        rows, row_images, groups = self.prompt_rows(captions, images, n, s, plain)
+        rows, row_images, groups = self.prompt_rows(captions, images, n, s, plain, thoughts)
         input_ids, attention_mask = self._rows_to_ids(rows, s)
         if input_ids.shape[1] + n_tokens > config.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + image ({n_tokens} tokens) exceeds "
@@ -171,18 +179,21 @@ class RequestBuilder:
     def _grid(self, image: Image.Image) -> tuple[int, int]:
         return image.height // self.down_factor, image.width // self.down_factor
 
-    def _cond_row(self, caption: str, image: Image.Image | None, s: GenerationSettings, plain: bool) -> Row:
-        """The conditional row of `caption`, followed by the positive prompt."""
+    def _cond_row(self, caption: str, image: Image.Image | None, s: GenerationSettings, plain: bool,
+                  thought: str | None = None) -> Row:
+        """The conditional row of `caption`, followed by the positive prompt, and with a `thought`
+        (plain rows only) by THOUGHT_OPEN and the thought, each encoded on its own (as in training)."""
         suffix = f" {s.positive_prompt}" if s.positive_prompt else ""
         if not plain:  # markup: the caption's <image> becomes the source image
             return (caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))) + suffix
+        tail = () if thought is None else (Plain(THOUGHT_OPEN), Plain(thought))
         if image is None:
-            return (Plain(caption + suffix),)
+            return (Plain(caption + suffix), *tail)
         # The source image is a piece of its own, never found by searching the user's text.
         block = image_block(*self._grid(image))
         if s.source_image == "first":
-            return (block, Plain(caption + suffix))
-        return (Plain(caption), block, Plain(suffix))  # "last": where `with_image_tag` puts it
+            return (block, Plain(caption + suffix), *tail)
+        return (Plain(caption), block, Plain(suffix), *tail)  # "last": where `with_image_tag` puts it
 
     @torch.inference_mode()
     def _encode(self, row_images: list[Image.Image], generator: torch.Generator) -> Tensor | list[Tensor]:

@@ -67,6 +67,13 @@ class GenerationSettings:
     source_image: str = "first"  # edits: where the instruction sees its source image
     negative_prompt: str = ""  # the unconditional rows' text
     positive_prompt: str = ""  # appended to every caption
+    # Self-CoT (docs/self-cot.md): write a thought with the LM head first, then draw the image from
+    # caption + "\nthought: " + thought. The text_* settings say how thought tokens are chosen.
+    think: bool = False
+    thought_max_tokens: int = 48  # a thought ends at a special token or after this many tokens
+    text_temperature: float = 1.0  # 0: greedy (the most likely token)
+    text_top_k: int = 0  # keep only the k most likely tokens; 0: all
+    text_top_p: float = 1.0  # keep the smallest set of tokens holding this much probability; 1: all
 
     def __post_init__(self) -> None:
         if isinstance(self.hw, list):  # from JSON
@@ -78,7 +85,8 @@ class GenerationSettings:
         if bad:
             problems = [f"{name}={getattr(self, name)!r} (must be {_CHECKS[name][1]})" for name in bad]
             raise InvalidSettings("invalid generation settings: " + "; ".join(problems), bad)
-        for name in ("cfg", "cfg_img", "timesteps_shift", "noise_level", "context_noise_std"):
+        for name in ("cfg", "cfg_img", "timesteps_shift", "noise_level", "context_noise_std", "text_temperature",
+                     "text_top_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def with_overrides(self, **overrides: Any) -> "GenerationSettings":
@@ -121,6 +129,11 @@ _CHECKS = {
     "source_image": (lambda v: v in SOURCE_IMAGE_PLACES, f"one of {list(SOURCE_IMAGE_PLACES)}"),
     "negative_prompt": (lambda v: isinstance(v, str), "a string"),
     "positive_prompt": (lambda v: isinstance(v, str), "a string"),
+    "think": (lambda v: isinstance(v, bool), "true or false"),
+    "thought_max_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "text_temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: greedy)"),
+    "text_top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no top-k)"),
+    "text_top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSettings))
 assert set(FIELDS) == set(_CHECKS), "every setting has a check"

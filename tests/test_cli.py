@@ -41,10 +41,13 @@ from nextstep.shapes import (
 from nextstep.shapes.benchmark import (
     FAIL,
     PASS,
+    benchmark_edit_cases,
     benchmark_prompts,
+    format_table,
     run_edits_benchmark,
     run_shapes_benchmark,
 )
+from nextstep.shapes.plan import parse_plan, plan_text
 
 DEFAULTS = {"cfg": 3.0, "cfg_img": 1.5, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": False,
             "sampler": "euler_maruyama"}
@@ -349,6 +352,22 @@ def test_eval_shapes(model: Path, work: Path, capsys: pytest.CaptureFixture) -> 
     assert prompts(seed1) != prompts(report)
 
 
+def test_eval_with_think_reports_thoughts(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--think` on a model never trained to think: every image still gets judged, its (possibly empty,
+    never a plan) thought is recorded, and the table adds the thought checks."""
+    for benchmark, count in (("shapes", "--per-category"), ("edits", "--per-kind")):
+        code, out, _ = run_cli(["eval", benchmark, "--model", model, count, "1", "-n", "1", "--think",
+                                "--thought-max-tokens", "3", "--out", benchmark], capsys)
+        assert code == 0 and "image~thought" in out and ("thought~caption" in out) == (benchmark == "shapes")
+        report = json.loads((work / benchmark / "report.json").read_text())
+        assert report["settings"]["think"] is True and report["settings"]["thought_max_tokens"] == 3
+        for c in report["categories"].values():
+            assert [len(case["thoughts"]) for case in c["cases"]] == [1] and c["images"] == 1
+            assert all(isinstance(t, str) for case in c["cases"] for t in case["thoughts"])
+            assert c["image_agrees_with_thought"] == 0.0  # random text is no plan
+        assert report["image_agrees_with_thought"] == 0.0
+
+
 def test_eval_edits(model: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, _ = run_cli(["eval", "edits", "--model", model, "--per-kind", "2", "-n", "1"], capsys)
     assert code == 0
@@ -382,17 +401,30 @@ def test_benchmark_prompts_follow_the_spec() -> None:
 
 
 class StubPipe:
-    """A stand-in model: draws each caption perfectly, or returns each edit's source unchanged."""
+    """A stand-in model: draws each caption perfectly, or returns each edit's source unchanged; with
+    `settings.think` its thoughts are `thought(scene, k)` (image k's scene; edits: the source's)."""
 
     settings = GenerationSettings(hw=(64, 64))
+
+    def thought(self, scene: Scene, k: int) -> str:
+        return plan_text(scene)
 
     def iter_generate(self, prompts, settings, seeds, n, images, batch_images, progress):
         for i, p in enumerate(prompts):
             if images is not None:
-                yield i, [images[i]] * n
+                scenes = [None] * n
+                ims = [images[i]] * n
             else:
                 rng = np.random.default_rng(seeds[i])
-                yield i, [render_image(scene_for_caption(rng, parse_caption(p), 64)) for _ in range(n)]
+                scenes = [scene_for_caption(rng, parse_caption(p), 64) for _ in range(n)]
+                ims = [render_image(sc) for sc in scenes]
+            if not settings.think:
+                thoughts = [""] * n
+            elif images is not None:  # the unchanged source's plan: what the stub's edits show
+                thoughts = [plan_text(Scene.from_labels(self.sources[p]))] * n
+            else:
+                thoughts = [self.thought(sc, k) for k, sc in enumerate(scenes)]
+            yield i, ims, thoughts
 
 
 def test_prompt_instances_with_one_caption_get_their_own_images(pipe: NextStepPipeline) -> None:
@@ -415,6 +447,87 @@ def test_benchmark_scores_and_frames(tmp_path: Path) -> None:
     assert report["overall"] == 0.0
     grid = np.asarray(Image.open(tmp_path / "e" / "add.png"))
     assert tuple(grid[0, -1]) == FAIL
+
+
+class OffPalettePipe(StubPipe):
+    """Draws every caption's objects right, but in a brown that is no palette colour."""
+
+    def iter_generate(self, prompts, settings, seeds, n, images, batch_images, progress):
+        for i, ims, thoughts in super().iter_generate(prompts, settings, seeds, n, images, batch_images, progress):
+            arrays = [np.array(im) for im in ims]
+            for a in arrays:
+                a[np.abs(a.astype(int) - a[0, 0]).sum(-1) > 30] = (120, 90, 60)  # every non-background pixel
+            yield i, [Image.fromarray(a) for a in arrays], thoughts
+
+
+def test_benchmark_counts_off_palette_images() -> None:
+    clean = run_shapes_benchmark(StubPipe(), per_category=2, n=1, seed=0)
+    assert clean["off_palette_without_colour_words"] == 0.0
+    assert all(c["off_palette"] == 0.0 for c in clean["categories"].values())
+    brown = run_shapes_benchmark(OffPalettePipe(), per_category=2, n=1, seed=0)
+    assert brown["off_palette_without_colour_words"] == 1.0 and brown["overall"] == 0.0
+    assert all(c["off_palette"] == 1.0 for c in brown["categories"].values())
+
+
+class MixedThoughtsPipe(StubPipe):
+    """Image 0's thought is its plan; image 1's is the plan with the first object recoloured (a plan the
+    image does not show, and which may not fit the caption); image 2 writes no plan at all."""
+
+    def thought(self, scene: Scene, k: int) -> str:
+        if k == 2:
+            return "i will draw it"
+        text = plan_text(scene)
+        if k == 1:
+            first = scene.objects[0].colour
+            text = text.replace(first, "purple" if first != "purple" else "green", 1)
+        return text
+
+
+def test_benchmark_with_thinking_records_and_scores_thoughts(tmp_path: Path) -> None:
+    think = GenerationSettings(hw=(64, 64), think=True)
+    plain = run_shapes_benchmark(StubPipe(), per_category=2, n=1, seed=0)
+    assert "thoughts" not in plain["categories"]["colors"]["cases"][0] and "image_agrees_with_thought" not in plain
+    assert "thought~caption" not in format_table(plain)
+    faithful = run_shapes_benchmark(StubPipe(), per_category=2, n=2, seed=0, settings=think)
+    assert faithful["image_agrees_with_thought"] == 1.0
+    for c in faithful["categories"].values():
+        assert c["image_agrees_with_thought"] == 1.0
+        for case in c["cases"]:
+            assert [parse_plan(t) is not None for t in case["thoughts"]] == [True, True]
+    # The true plan of a scene fits its caption, except where a relation's objects share a grid cell line.
+    assert all(c["thought_agrees_with_caption"] == 1.0 for name, c in faithful["categories"].items()
+               if name != "position")
+    mixed = run_shapes_benchmark(MixedThoughtsPipe(), per_category=4, n=3, seed=0, settings=think)
+    for c in mixed["categories"].values():
+        assert c["image_agrees_with_thought"] == pytest.approx(1 / 3)  # image 0 of each prompt only
+        for case in c["cases"]:
+            assert case["image_agrees_with_thought"] == [True, False, False]
+            assert case["thought_agrees_with_caption"][2] is False
+    colours = mixed["categories"]["colors"]
+    assert colours["thought_agrees_with_caption"] == pytest.approx(1 / 3)  # a colour caption: only image 0's fits
+    single = mixed["categories"]["single_object"]  # no colour named: a recoloured plan still fits
+    assert single["thought_agrees_with_caption"] == pytest.approx(2 / 3)
+    assert mixed["thought_agrees_with_caption"] == pytest.approx(
+        np.mean([c["thought_agrees_with_caption"] for c in mixed["categories"].values()]))
+    assert mixed["overall"] == 1.0  # thoughts do not change how the images are judged
+    table = format_table(mixed)
+    assert "thought~caption" in table.splitlines()[0] and "image~thought" in table.splitlines()[0]
+    overall = next(line for line in table.splitlines() if line.startswith("overall"))
+    assert overall.split()[-2:] == [f"{mixed['thought_agrees_with_caption']:.3f}",
+                                    f"{mixed['image_agrees_with_thought']:.3f}"]
+
+
+def test_edits_benchmark_with_thinking_checks_images_against_thoughts() -> None:
+    think = GenerationSettings(hw=(64, 64), think=True)
+    stub = StubPipe()
+    cases = benchmark_edit_cases(2, 0, 64)
+    stub.sources = {c.instruction: c.source.labels() for kind in cases.values() for c in kind}
+    report = run_edits_benchmark(stub, per_kind=2, n=2, seed=0, settings=think)
+    assert report["overall"] == 0.0 and report["image_agrees_with_thought"] == 1.0  # it drew what it thought
+    assert "thought_agrees_with_caption" not in report
+    assert all(case["thoughts"][0] == plan_text(Scene.from_labels(case["source"]))
+               for c in report["categories"].values() for case in c["cases"])
+    assert "image~thought" in format_table(report) and "thought~caption" not in format_table(report)
 
 
 # ---------------------------------------------------------------------- bad input

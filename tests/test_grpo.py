@@ -48,6 +48,16 @@ def tiny(tmp_path_factory, ref10) -> Path:
     return folder
 
 
+def condition_the_head(model) -> None:
+    """`init_weights` zeroes the flow head's adaLN modulations, so its velocity ignores the decoder's
+    hidden state: small random ones make the log-probabilities depend on all the decoder reads."""
+    g = torch.Generator().manual_seed(1)
+    net = model.image_head.net
+    with torch.no_grad():
+        for block in [*net.res_blocks, net.final_layer]:
+            block.adaLN_modulation[1].weight.normal_(0, 0.3, generator=g)
+
+
 def write_config(folder: Path, model: Path, out: str, steps: int, lr: float = 3e-3, **grpo) -> Path:
     settings = {"group_size": 4, "prompts_per_step": 2, "reward": "tests.test_grpo:red_reward", **grpo}
     rollout = settings.pop("rollout_settings", "{ hw = [32, 32], num_sampling_steps = 4 }")
@@ -111,8 +121,7 @@ def test_rollout_steps_are_the_recorded_gaussian_transitions(tiny, tmp_path, sam
 
     stage = stage_for(write_config(tmp_path, tiny, "run", 1, sampler=sampler))
     prompts = stage.prompts(0)
-    request = stage.request(0, prompts, max(stage.pipe.prompt_length(c, None, stage.settings, plain=True)
-                                            for _, c, _ in prompts))
+    request = stage.request(0, prompts, stage.width(prompts))
     ro = rollout(stage.ctx.model, request)
     coefs = request.sampler.step_coefficients()
     assert ro.stochastic == [i for i, c in enumerate(coefs) if c[2] > 0]
@@ -125,13 +134,25 @@ def test_rollout_steps_are_the_recorded_gaussian_transitions(tiny, tmp_path, sam
     assert torch.equal(ro.states[:, :, 0], w[:, :, 0].float())
 
 
-def test_recomputed_log_probs_equal_the_rollouts(tiny, tmp_path):
+@pytest.mark.parametrize("source_image", [None, "first", "last"])
+def test_recomputed_log_probs_equal_the_rollouts(tiny, tmp_path, source_image):
+    """Also for a step mixing text-to-image and edit prompts, the source image first or last in the row."""
+    from dataclasses import replace
+
     from nextstep.training.rollout import rollout, transition_log_probs, transition_means
 
-    stage = stage_for(write_config(tmp_path, tiny, "run", 1))
-    prompts = stage.prompts(3)
-    width = max(stage.pipe.prompt_length(c, None, stage.settings, plain=True) for _, c, _ in prompts) + 2
-    ro = rollout(stage.ctx.model, stage.request(3, prompts, width))  # padded beyond the longest prompt too
+    if source_image is None:
+        stage, step = stage_for(write_config(tmp_path, tiny, "run", 1)), 3
+    else:
+        rollout_settings = f'{{ hw = [32, 32], num_sampling_steps = 4, source_image = "{source_image}" }}'
+        stage = stage_for(write_config(tmp_path, tiny, "run", 1, edit_fraction=0.5, prompts_per_step=4,
+                                       rollout_settings=rollout_settings))
+        step = next(s for s in range(50) if 0 < sum(stage.is_edit(s, j) for j in range(4)) < 4)
+    condition_the_head(stage.ctx.model)
+    prompts = stage.prompts(step)
+    assert sum(p.source is not None for p in prompts) == (0 if source_image is None else
+                                                          sum(stage.is_edit(step, j) for j in range(4)))
+    ro = rollout(stage.ctx.model, stage.request(step, prompts, stage.width(prompts) + 2))  # padded beyond too
     model = stage.ctx.model
     means = transition_means(model, model.forward_hidden, ro, ro.stochastic)
     assert means.dtype == torch.float32 and means.requires_grad
@@ -142,6 +163,22 @@ def test_recomputed_log_probs_equal_the_rollouts(tiny, tmp_path):
     some = ro.stochastic[1::2]
     sub = transition_log_probs(transition_means(model, model.forward_hidden, ro, some), ro, some)
     assert (sub - ro.log_probs[:, :, 1::2]).abs().max().item() < 1e-5
+    if source_image is not None:
+        # The source sits where the settings say, and the recomputation reads it: without it
+        # (zeroed latents) the edit rows' transition means move, the text-to-image rows' do not.
+        from nextstep.text.sequence import IMAGE_PLACEHOLDER
+
+        edit_rows = (ro.input_ids == model.config.image_placeholder_id).any(1)
+        texts = [p.text for p in prompts for _ in range(stage.grpo.group_size)]
+        for row in edit_rows.nonzero()[:, 0].tolist():
+            ids = ro.input_ids[row][ro.attention_mask[row].bool()].tolist()
+            decoded = stage.ctx.tokenizer.decode(ids)
+            assert decoded.count(texts[row]) == 1, decoded
+            assert (decoded.find(IMAGE_PLACEHOLDER) < decoded.find(texts[row])) == (source_image == "first")
+        blind = replace(ro, source_latents=torch.zeros_like(ro.source_latents))
+        blind_means = transition_means(model, model.forward_hidden, blind, ro.stochastic)
+        moved = (blind_means - means).abs().amax(dim=(1, 2, 3))  # measured: 1e-3 to 3e-3 on edit rows
+        assert (moved[edit_rows] > 2e-4).all() and (moved[~edit_rows] < 1e-6).all(), moved
 
 
 def test_group_advantages_and_rejection():
@@ -196,33 +233,39 @@ def test_a_toy_reward_is_learned_and_a_kl_weight_moves_less(tiny, tmp_path):
 
 # ---------------------------------------------------------------------- resume and ranks
 
-RESUME_COMPARED = ("step", "loss", "reward_mean", "reward_std", "clip_fraction", "rejected_groups", "grad_norm")
+RESUME_COMPARED = ("step", "loss", "reward_mean", "reward_std", "clip_fraction", "rejected_groups", "grad_norm",
+                   "reward_edits", "reward_t2i")
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
+    """With text-to-image and edit prompts mixed."""
     from tests.test_train import kill_mid_run, run_train
 
-    run_train(write_config(tmp_path, tiny, "whole", 10))
-    cut = write_config(tmp_path, tiny, "cut", 10)
+    run_train(write_config(tmp_path, tiny, "whole", 10, edit_fraction=0.5))
+    cut = write_config(tmp_path, tiny, "cut", 10, edit_fraction=0.5)
     lines = kill_mid_run(cut, tmp_path / "cut", 6)  # mid-run, past its first checkpoint (step 5)
     assert 6 <= lines < 10, f"the run was not interrupted mid-way ({lines} steps logged)"
     run_train(cut, "--resume")
     whole, resumed = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
-    assert [[m[k] for k in RESUME_COMPARED] for m in resumed] == [[m[k] for k in RESUME_COMPARED] for m in whole]
+    assert [[m.get(k) for k in RESUME_COMPARED] for m in resumed] == [[m.get(k) for k in RESUME_COMPARED]
+                                                                       for m in whole]
+    assert any("reward_edits" in m for m in whole) and any("reward_t2i" in m for m in whole)
     a, b = (load_file(str(tmp_path / run / "export" / "model.safetensors")) for run in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_ranks_equal_one_process(tiny, tmp_path):
-    """Rollouts are dealt to the ranks by prompt; each image's noise depends on its prompt and the step only."""
+    """Rollouts are dealt to the ranks by prompt; each image's noise depends on its prompt and the step only
+    (text-to-image and edit prompts mixed)."""
     from tests.test_distributed import train as launch
 
     for name, ranks in (("one", 1), ("two", 2)):
-        launch(write_config(tmp_path, tiny, name, 4, prompts_per_step=4), ranks)
+        launch(write_config(tmp_path, tiny, name, 4, prompts_per_step=4, edit_fraction=0.5), ranks)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
-    for k in ("reward_mean", "reward_std", "rejected_groups", "groups", "loss", "grad_norm"):
-        diff = max(abs(x[k] - y[k]) for x, y in zip(one, two))
+    assert [sorted(m) for m in one] == [sorted(m) for m in two] and any("reward_edits" in m for m in one)
+    for k in ("reward_mean", "reward_std", "rejected_groups", "groups", "loss", "grad_norm", "reward_edits"):
+        diff = max((abs(x[k] - y[k]) for x, y in zip(one, two) if k in x), default=0.0)
         assert diff <= 1e-5, f"2 ranks vs 1 process: {k} differs by {diff:.3g}"
     assert one[0]["grad_norm"] > 0 and one[0]["groups"] == 4
     a, b = (load_file(str(tmp_path / run / "export" / "model.safetensors")) for run in ("one", "two"))
@@ -237,6 +280,9 @@ def test_two_ranks_equal_one_process(tiny, tmp_path):
     ({"reject_mean_above": 2}, "grpo.reject_mean_above=2"),
     ({"prompts_per_step": 3}, "not divisible by 2 ranks"),
     ({"rollout_settings": "{ cfg = 3.0 }"}, "grpo.rollout_settings.cfg"),
+    ({"rollout_settings": "{ cfg_img = 2.0 }"}, "grpo.rollout_settings.cfg_img"),
+    ({"edit_fraction": 1.5}, r"grpo.edit_fraction=1.5 \(must be in \[0, 1\]"),
+    ({"edit_fraction": 0.5, "prompts": "prompts.txt"}, "grpo.edit_fraction=0.5 with grpo.prompts"),
 ])
 def test_bad_grpo_settings_fail_before_any_compute(tiny, tmp_path, setting, message):
     path = write_config(tmp_path, tiny, "bad", 1, **setting)
@@ -267,3 +313,66 @@ def test_the_shapes_reward_gives_partial_credit():
                                  [None, None]) == [1.0, 3 / 4]  # only the count is wrong
     with pytest.raises(ValueError, match="module:function"):
         load_reward("nonsense")
+
+
+# ---------------------------------------------------------------------- edits
+
+
+def test_edit_prompts_are_a_deterministic_share_of_the_shapes_world(tiny, tmp_path):
+    """Prompt j of step s is an edit when a draw of (seed, step, j) says so: then it is edit sample
+    s * P + j of the world (its instruction and rendered source, at the rollouts' size), else caption
+    sample s * P + j."""
+    from nextstep.shapes import ShapesConfig, make_sample, parse_instruction, render_image
+
+    path = write_config(tmp_path, tiny, "run", 1, edit_fraction=0.3, prompts_per_step=4)
+    path.write_text(path.read_text() + '[data]\nsource_image = "last"\n')
+    stage = stage_for(path)
+    # The init_from folder (a training export) has no generation defaults: the source goes where training put it.
+    assert (stage.settings.source_image, stage.settings.cfg, stage.settings.cfg_img) == ("last", 1, 1)
+    draws = [[stage.is_edit(s, j) for j in range(4)] for s in range(100)]
+    assert 0.22 < np.mean(draws) < 0.38, np.mean(draws)
+    assert [[stage.is_edit(s, j) for j in range(4)] for s in reversed(range(100))] == draws[::-1]
+    mixed = [s for s in range(100) if 0 < sum(draws[s]) < 4][:3]
+    edit_world, world = ShapesConfig(size=32, seed=0, edits=True), ShapesConfig(seed=0)
+    for step in mixed:
+        for p in stage.prompts(step):
+            if draws[step][p.j]:
+                s = make_sample(edit_world, step * 4 + p.j)
+                assert (p.text, p.category, p.edit_kind) == (s.instruction, "", parse_instruction(s.instruction).op)
+                assert np.array_equal(np.asarray(p.source), np.asarray(render_image(s.source)))
+            else:
+                s = make_sample(world, step * 4 + p.j)
+                assert (p.text, p.category, p.source, p.edit_kind) == (s.caption, s.category, None, "")
+    for fraction, expected in ((0.0, False), (1.0, True)):
+        stage.grpo.edit_fraction = fraction
+        assert {stage.is_edit(s, j) for s in range(100) for j in range(4)} == {expected}
+
+
+def test_an_edit_step_is_scored_by_the_edit_checker_and_logged(tiny, tmp_path):
+    from nextstep.shapes import EDIT_OPS, check_edit, make_sample, render_image
+
+    stage = stage_for(write_config(tmp_path, tiny, "run", 1, edit_fraction=1.0, reward="shapes", group_size=2,
+                                   prompts_per_step=4))
+    calls = []
+
+    def recording(images, prompts, sources):
+        calls.append((images, prompts, sources))
+        return shapes(images, prompts, sources)
+
+    shapes, stage.reward = stage.reward, recording
+    out = stage.metrics(stage.accumulate_gradients(0))
+    (images, prompts, sources), = calls
+    step = stage.prompts(0)
+    assert prompts == [p.text for p in step for _ in range(2)] and len(images) == 8
+    assert all(src is not None and src.size == im.size == (32, 32) for im, src in zip(images, sources))
+    passed = [check_edit(src, im, p).passed for im, p, src in zip(images, prompts, sources)]
+    assert out["reward_edits"] == out["reward_mean"] == np.mean(passed) and "reward_t2i" not in out
+    kinds = [p.edit_kind for p in step for _ in range(2)]
+    assert {k for k in out if k.startswith("pass_")} == {f"pass_edit_{op}" for op in set(kinds)}
+    for op in set(kinds):
+        assert out[f"pass_edit_{op}"] == np.mean([ok for ok, k in zip(passed, kinds) if k == op])
+    assert set(kinds) <= set(EDIT_OPS)
+    # The built-in reward is the edit checker's verdict: the world's own target passes, the unchanged source not.
+    s = make_sample(stage.edit_world, 0)
+    source = render_image(s.source)
+    assert shapes([render_image(s.scene), source], [s.instruction] * 2, [source, source]) == [1.0, 0.0]

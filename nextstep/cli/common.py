@@ -109,6 +109,16 @@ SETTING_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--positive-prompt", "positive_prompt", {}, "text appended to every caption"),
 ]
 EDIT_ONLY = ("cfg_img", "source_image")  # text to image has no source image
+# Self-CoT (docs/self-cot.md): write a thought, then draw the image from caption + thought.
+THINK_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("--think", "think", {"action": argparse.BooleanOptionalAction},
+     "write a thought with the language head first, then draw from caption + thought; each thought is "
+     "printed and saved next to its PNG as <name>.txt"),
+    ("--thought-max-tokens", "thought_max_tokens", {"type": int}, "tokens a thought may have at most"),
+    ("--text-temperature", "text_temperature", {"type": float}, "thought sampling temperature, 0 = greedy"),
+    ("--text-top-k", "text_top_k", {"type": int}, "thought tokens from the k most likely only, 0 = all"),
+    ("--text-top-p", "text_top_p", {"type": float}, "thought tokens from the top-p probability mass, 1 = all"),
+]
 
 
 def add_settings_args(p: argparse.ArgumentParser, edit: bool) -> None:
@@ -119,8 +129,15 @@ def add_settings_args(p: argparse.ArgumentParser, edit: bool) -> None:
             g.add_argument(flag, dest=field, default=None, help=text, **kwargs)
 
 
+def add_think_args(p: argparse.ArgumentParser) -> None:
+    """The self-CoT flags (`--think` and how thoughts are sampled)."""
+    g = p.add_argument_group("thinking (default: the model's own, from its generation_defaults.json)")
+    for flag, field, kwargs, text in THINK_FLAGS:
+        g.add_argument(flag, dest=field, default=None, help=text, **kwargs)
+
+
 def settings_from_args(pipe: Any, args: argparse.Namespace) -> GenerationSettings:
-    given = {field: getattr(args, field, None) for _, field, _, _ in SETTING_FLAGS}
+    given = {field: getattr(args, field, None) for _, field, _, _ in SETTING_FLAGS + THINK_FLAGS}
     return pipe.settings.with_overrides(**given)
 
 
@@ -279,11 +296,17 @@ def output_paths(args: argparse.Namespace, single: bool, rid: str) -> tuple[list
     return [output.with_name(f"{output.stem}_{k}{suffix}") for k in range(n)], sheet
 
 
-def write_results(images: Sequence[Image.Image], paths: Sequence[Path], sheet: Path | None) -> None:
-    """Write each image to its path, and with several images also the contact sheet."""
-    for image, path in zip(images, paths):
+def write_results(images: Sequence[Image.Image], paths: Sequence[Path], sheet: Path | None,
+                  thoughts: Sequence[str] | None = None) -> None:
+    """Write each image to its path, and with several images also the contact sheet. With
+    `thoughts`, each image's thought is printed and written next to it (OUT.png -> OUT.txt)."""
+    for k, (image, path) in enumerate(zip(images, paths)):
         save_png(path, image)
         print(path)
+        if thoughts is not None:
+            text = thoughts[k] + "\n"
+            atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            print(f"  thought: {thoughts[k]}")
     if sheet is not None and len(images) > 1:
         save_png(sheet, contact_sheet(images))
         print(sheet)
@@ -297,7 +320,7 @@ def generate_and_write(pipe: Any, args: argparse.Namespace, single: bool, rows: 
     if not single:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     n = args.num_images
-    for i, images in pipe.iter_generate(prompts, settings, [r["seed"] for r in rows], n, sources,
-                                        batch_images=args.batch_size * n, progress=True):
-        write_results(images, *output_paths(args, single, rows[i]["id"]))
+    for i, images, thoughts in pipe.iter_generate(prompts, settings, [r["seed"] for r in rows], n, sources,
+                                                  batch_images=args.batch_size * n, progress=True):
+        write_results(images, *output_paths(args, single, rows[i]["id"]), thoughts if settings.think else None)
     return 0

@@ -14,8 +14,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..io.images import load_rgb
-from .common import (add_batch_args, add_model_args, add_seed_arg, add_settings_args, check_mode, check_size,
-                     generate_and_write, load_pipeline, read_jsonl, settings_from_args)
+from .common import (add_batch_args, add_model_args, add_seed_arg, add_settings_args, add_think_args, check_mode,
+                     check_size, generate_and_write, load_pipeline, read_jsonl, settings_from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_seed_arg(p)
     add_model_args(p)
     add_settings_args(p, edit=True)
+    add_think_args(p)
     p.set_defaults(run=run)
 
 

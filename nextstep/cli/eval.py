@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_model_args, add_seed_arg, add_settings_args, check_positive, command_group, load_pipeline,
-                     model_label, settings_from_args)
+from .common import (add_model_args, add_seed_arg, add_settings_args, add_think_args, check_positive, command_group,
+                     load_pipeline, model_label, settings_from_args)
 
 
 def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None:
@@ -19,6 +19,7 @@ def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None
                           f"from it (default: the benchmark's standard set)")
     p.add_argument("--batch-size", type=int, default=16, help=f"{unit}s per model call (default 16)")
     add_settings_args(p, edit=edit)
+    add_think_args(p)  # --think: the report adds each image's thought and how well thoughts are followed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate n images for each prompt of a fixed, seeded prompt set (N per category: "
                     "single_object, two_object, counting, colors, position, color_attr), judge each image with "
                     "the shapes checker, print the pass rate per category and overall (the mean over "
-                    "categories), and write OUT/report.json and OUT/<category>.png.")
+                    "categories), and write OUT/report.json and OUT/<category>.png. With --think the model writes a "
+                    "thought before each image; the report records the thoughts and the table adds the share of "
+                    "thoughts that fit their caption and of images that show their thought.")
     s.add_argument("--per-category", type=int, default=40, metavar="N", help="prompts per category (default 40)")
     _common(s, "eval/shapes", "prompt", edit=False)
     s.set_defaults(run=run)
@@ -39,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Edit a fixed, seeded set of rendered scenes (N cases per kind: recolour, add, remove, "
                     "background) n times each, judge each edit with the shapes checker, print the pass rate per "
                     "kind and overall (the mean over kinds), and write OUT/report.json and OUT/<kind>.png "
-                    "(each row: the source, then its edits).")
+                    "(each row: the source, then its edits). With --think the report records each edit's "
+                    "thought and the table adds the share of edits that show their thought.")
     e.add_argument("--per-kind", "--per-category", dest="per_kind", type=int, default=40, metavar="N",
                    help="cases per edit kind (default 40)")
     _common(e, "eval/edits", "case", edit=True)

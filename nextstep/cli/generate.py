@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_batch_args, add_model_args, add_seed_arg, add_settings_args, check_mode, check_size,
-                     generate_and_write, load_pipeline, read_jsonl, settings_from_args)
+from .common import (add_batch_args, add_model_args, add_seed_arg, add_settings_args, add_think_args, check_mode,
+                     check_size, generate_and_write, load_pipeline, read_jsonl, settings_from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_seed_arg(p)
     add_model_args(p)
     add_settings_args(p, edit=False)
+    add_think_args(p)
     p.set_defaults(run=run)
 
 

@@ -23,12 +23,26 @@ block, target block: the pipeline's image-only guidance row); with
 block alone: the unconditional row). Only the target enters the image loss
 (`latents_mask` 0 for sources), as officially.
 
+A sample with a "plan" (self-CoT, docs/self-cot.md: the shapes world's description of
+the image it is about to draw) holds it right before the (target) image block, opened by
+`THOUGHT_OPEN` and closed by the block's `<|image_area|>`:
+
+    caption + THOUGHT_OPEN + plan + image block + <|endoftext|>
+    [text before <image>] + source block + [text after] + THOUGHT_OPEN + plan + target block + ...
+
+The caption, `THOUGHT_OPEN` and the plan are encoded separately and joined, as a
+generation prompt is (the thought is sampled after the encoded caption + `THOUGHT_OPEN`,
+then encoded on its own), so training and generation see the same ids. With caption
+dropout a text-to-image row reads image block + caption + THOUGHT_OPEN + plan +
+end-of-text (the text still trains the language head, the image is unconditional); in
+an edit row the plan is dropped with the instruction, since it would give the text away.
+
 Labels are the input ids, with -100 (no cross-entropy) at padding, at
 begin-of-image and the placeholders, and at the end-of-text right after an
 image; the caption, the image-area tokens and end-of-image are CE targets, as
-in the official recipe. (The model itself never scores a position whose next
-token is a placeholder: that position trains the flow head instead.) Rows are
-right-padded.
+in the official recipe, and so is a plan. (The model itself never scores a
+position whose next token is a placeholder: that position trains the flow head
+instead.) Rows are right-padded.
 
 Caption dropout is decided by hashing (seed, sample key, epoch), so it does not
 depend on which worker collates the sample and differs between epochs.
@@ -47,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..text import IMAGE_TAG, SOURCE_IMAGE_PLACES, TextTokenizer, image_area, with_image_tag
+from ..text import IMAGE_TAG, SOURCE_IMAGE_PLACES, THOUGHT_OPEN, TextTokenizer, image_area, with_image_tag
 from .buckets import TOKEN_PIXELS
 from .stream import META, is_bookkeeping
 
@@ -120,9 +134,13 @@ class Collator:
         u = _uniform(self.seed, key, epoch)
         eos = [self.eos] if self.eos is not None else []
         enc = self.tokenizer.encode
+        plan = sample.get("plan")
+        if plan is not None and (not isinstance(plan, str) or not plan.strip()):
+            raise ValueError(f"sample {key!r}: a plan must be non-empty text, got {plan!r}")
+        thought = [] if plan is None else enc(THOUGHT_OPEN) + enc(plan)
         if "caption" in sample:
             block = list(self._image_block(sample["pixels"]))
-            text = enc(sample["caption"])
+            text = enc(sample["caption"]) + thought
             dropped = u < self.caption_dropout
             if self.max_length is not None:  # cut the caption, never the image
                 text = text[: max(0, self.max_length - len(block) - len(eos))]
@@ -141,7 +159,8 @@ class Collator:
             before, _, after = instruction.partition(IMAGE_TAG)
             if dropped:
                 before = after = ""
-            ids = enc(before) + list(self._image_block(src)) + enc(after) + tgt_block + eos
+                thought = []
+            ids = enc(before) + list(self._image_block(src)) + enc(after) + thought + tgt_block + eos
             return ids, [src, tgt], [0.0, 1.0], dropped
         raise ValueError(f"sample {key!r} has neither a caption nor an instruction (keys: {sorted(sample)})")
 

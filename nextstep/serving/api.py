@@ -88,12 +88,13 @@ class GenerationBody(BaseModel):
     noise_level: float | None = None
     use_norm: bool | None = None
     context_noise_std: float | None = None
+    think: bool | None = Field(None, description="write a thought first (self-CoT), returned as revised_prompt")
 
 
 # The generation settings a JSON body may set by name (besides `steps` and `size`).
 SETTING_EXTRAS = {"cfg", "negative_prompt", "positive_prompt", "cfg_schedule", "timesteps_shift", "step_schedule",
                   "sampler",
-                  "noise_level", "use_norm", "context_noise_std"}
+                  "noise_level", "use_norm", "context_noise_std", "think"}
 
 
 def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | None = None,
@@ -199,7 +200,7 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
         except Exception as e:
             raise APIError(500, f"generation failed ({type(e).__name__}: {e})", kind="server_error") from None
         return {"created": int(time.time()),
-                "data": [{"b64_json": png_base64(im), "revised_prompt": None, "seed": s}
+                "data": [{"b64_json": png_base64(im), "revised_prompt": im.info.get("thought"), "seed": s}
                          for im, s in zip(images, seeds)]}
 
     async def wait_for_images(request: Request, futures: list[Future]) -> list[Image.Image]:
@@ -291,6 +292,7 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
         context_noise_std: float | None = Form(None),
         source_image: Literal["first", "last"] | None = Form(None, description="where the instruction "
                                                                                "sees the source image"),
+        think: bool | None = Form(None, description="write a thought first (self-CoT)"),
     ) -> dict[str, Any]:
         check_common(prompt, n, negative_prompt, cfg, steps, seed)
         if cfg_img is not None and not 1 <= cfg_img <= 50:
@@ -299,7 +301,8 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
                                 positive_prompt=positive_prompt, cfg_schedule=cfg_schedule,
                                 timesteps_shift=timesteps_shift, step_schedule=step_schedule, sampler=sampler,
                                 noise_level=noise_level,
-                                use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image)
+                                use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image,
+                                think=think)
         source = await read_upload(image, settings.hw)
         return await run(request, prompt, n, seed, settings, source)
 

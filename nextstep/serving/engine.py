@@ -20,6 +20,13 @@ source image). A caller that gives up cancels its futures: cancelled jobs take
 no slot and cause no model work. When a shared call fails, each of its jobs is
 run alone, so only a job that fails by itself gets the error (with its type:
 a ValueError stays a ValueError, for the API to answer 400).
+
+A job with `settings.think` (self-CoT, docs/self-cot.md) runs twice: first its
+thought is written, batched with jobs of the same settings and thought-prompt
+length; then it goes back to the front of the queue with the key of its image
+prompt (prompt + thought), so it only shares an image call with jobs whose
+prompt rows have that same length. Its image carries the thought in
+`image.info["thought"]`.
 """
 
 from __future__ import annotations
@@ -58,6 +65,12 @@ class Job:
     image: Image.Image | None
     key: tuple  # what jobs must share to run in one model call: settings, edit or not, prompt length
     future: Future = field(default_factory=Future)
+    thought: str | None = None  # written (think=True) before the image is drawn
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the job's next model call writes its thought."""
+        return self.settings.think and self.thought is None
 
 
 class Engine:
@@ -91,7 +104,11 @@ class Engine:
         `image` it is an edit. The prompt is plain text. Raises QueueFull when they do not fit
         (Draining once `drain` has begun), ValueError for bad input."""
         self.pipe.check_inputs(prompt, image, 1, settings, plain=True)
-        key = (settings, image is not None, self.pipe.prompt_length(prompt, image, settings, plain=True))
+        if settings.think:  # first the thought, after the prompt's row up to THOUGHT_OPEN
+            row = self.pipe.thought_prompt(prompt, image, settings)
+            key = ("thought", settings, image is not None, len(self.pipe.tokenizer.encode_row(row)))
+        else:
+            key = (settings, image is not None, self.pipe.prompt_length(prompt, image, settings, plain=True))
         jobs = [Job(prompt, s % SEED_MODULUS, settings, image, key) for s in seeds]
         with self._cv:
             if self._closed:
@@ -166,8 +183,10 @@ class Engine:
             taken = set(map(id, batch))
             self._queue = [j for j in self._queue if id(j) not in taken]
             self._busy = bool(batch)
-        # A caller that gave up (timeout, disconnect) may cancel until here: skip its jobs.
-        return [j for j in batch if j.future.set_running_or_notify_cancel()]
+        # A caller that gave up (timeout, disconnect) may cancel until here: skip its jobs. A job
+        # about to write its thought stays cancellable until its image call.
+        return [j for j in batch if (not j.future.cancelled() if j.thinking
+                                     else j.future.set_running_or_notify_cancel())]
 
     def _drop_cancelled(self) -> None:
         """Forget queued jobs whose caller cancelled them (hold the lock)."""
@@ -180,6 +199,9 @@ class Engine:
                 with self._cv:
                     if self._closed:
                         return
+                continue
+            if jobs[0].thinking:  # the batch shares one key: all write their thoughts
+                self._think(jobs)
                 continue
             requests = {}
             for j in jobs:  # a job that cannot be prepared fails alone
@@ -206,6 +228,8 @@ class Engine:
             next(iter(requests)).future.set_exception(e)
             return
         for j, im in zip(requests, images):
+            if j.thought is not None:
+                im.info["thought"] = j.thought
             j.future.set_result(im)
         self.batches += 1
         self.images += len(requests)
@@ -215,6 +239,42 @@ class Engine:
             except Exception:  # metrics must not stop the server
                 logger.exception("on_batch failed")
 
+    def _think(self, jobs: list[Job]) -> None:
+        """Write the jobs' thoughts in one model call (padded to `slots` rows, as image calls are),
+        then queue each at the front again, keyed by its image prompt. As in `_run_jobs`, a failed
+        call is retried job by job, and a job that fails alone gets the error."""
+        try:
+            thoughts = self._write_thoughts(jobs)
+        except Exception as e:
+            if len(jobs) > 1:
+                logger.warning("thoughts of %d jobs failed (%r); writing each alone", len(jobs), e)
+                for j in jobs:
+                    self._think([j])
+                return
+            logger.exception("a thought failed")
+            if jobs[0].future.set_running_or_notify_cancel():
+                jobs[0].future.set_exception(e)
+            return
+        for j, thought in zip(jobs, thoughts):
+            j.thought = thought
+            j.key = (j.settings, j.image is not None,
+                     self.pipe.prompt_length(j.prompt, j.image, j.settings, plain=True, thought=thought))
+        with self._cv:
+            if self._closed:  # closed while thinking: nobody will draw these images
+                for j in jobs:
+                    j.future.cancel()
+                return
+            self._queue[:0] = jobs  # ahead of younger jobs; cancelled ones are dropped by the next take
+            self._cv.notify_all()
+
+    def _write_thoughts(self, jobs: list[Job]) -> list[str]:
+        pipe, s = self.pipe, jobs[0].settings
+        fill = self.slots - len(jobs)
+        rows = [pipe.thought_prompt(j.prompt, j.image, s) for j in jobs]
+        ids = pipe.write(rows + rows[:1] * fill, [j.image for j in jobs] + [jobs[0].image] * fill,
+                         [j.seed for j in jobs] + [jobs[0].seed] * fill, s, pipe.special_ids, self.slots)
+        return [pipe.thought_text(t) for t in ids[:len(jobs)]]
+
     def longest_prompt(self, hw: tuple[int, int], edit: bool) -> int:
         """Tokens in the longest prompt row a request of this size may have."""
         f = self.pipe.down_factor
@@ -223,7 +283,8 @@ class Engine:
         return self.max_prompt_tokens + len(enc(image_prefix(h, w))) + (len(enc(image_block(h, w))) if edit else 0)
 
     def _prepare(self, job: Job) -> GenerationRequest:
-        return self.pipe.prepare(job.prompt, job.image, 1, job.seed, job.settings, plain=True)
+        thoughts = None if job.thought is None else [job.thought]
+        return self.pipe.prepare(job.prompt, job.image, 1, job.seed, job.settings, plain=True, thoughts=thoughts)
 
     def _run(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         n = len(requests)

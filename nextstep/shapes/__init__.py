@@ -9,6 +9,7 @@
     detector   find the background and the objects in an image
     checker    judge an image against a caption, or an edit against its instruction
     corrupt    damaged and wrong scenes, to test the checker
+    plan       plans (self-CoT): a scene as "COLOUR SHAPE ROW COLUMN, ...", parsed and checked
     benchmark  the GenEval-style benchmarks (`nextstep eval shapes|edits`)
 
 The model, sampling, VAE, text, io, pipeline, serving and config packages must

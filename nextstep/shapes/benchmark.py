@@ -22,6 +22,14 @@ distinct images each score rests on. With `out`, the report goes to
 `out/report.json` and one PNG grid per category to `out/<category>.png`: a row
 per prompt (for edits: the source first, grey border), each image framed green
 (passed) or red (failed).
+
+With `settings.think` (self-CoT, docs/self-cot.md) the model writes a thought
+before each image; the report records every image's thought and adds, per
+category and overall (the mean over categories), the share of images that agree
+with their thought (`image_agrees_with_thought`: the detected objects' colours,
+shapes and 3x3 cells, and the background, are the thought's) and, for captions,
+the share of thoughts that agree with the caption (`thought_agrees_with_caption`).
+A thought that is no plan of the shapes world agrees with nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from ..io.atomic import atomic_write
 from ..pipeline import NextStepPipeline
 from ..settings import GenerationSettings
 from .checker import CheckResult, check, check_edit
+from .grammar import parse_caption
+from .plan import image_agrees_with_thought, thought_agrees_with_caption
 from .renderer import render_image
 from .sampling import sample_caption, sample_edit
 from .world import CATEGORIES, EDIT_OPS, Scene
@@ -110,6 +120,7 @@ class Instance:
     judge: Callable[[Image.Image], CheckResult]
     record: dict[str, Any]  # what the report says of the case
     source: Image.Image | None = None  # edits: the rendered source scene
+    caption: str | None = None  # text to image: what a thought is checked against
 
 
 def _square(settings: GenerationSettings) -> int:
@@ -128,12 +139,15 @@ def _run(pipe: NextStepPipeline, kind: str, instances: list[Instance], n: int, s
     sources = None if instances[0].source is None else [i.source for i in instances]
     done: dict[int, tuple[dict, list]] = {}
     digests: dict[str, set[bytes]] = {}
-    for idx, images in pipe.iter_generate([i.prompt for i in instances], settings, [i.seed for i in instances], n,
-                                          sources, batch_images=batch_size * n, progress=progress):
+    for idx, images, thoughts in pipe.iter_generate([i.prompt for i in instances], settings,
+                                                    [i.seed for i in instances], n, sources,
+                                                    batch_images=batch_size * n, progress=progress):
         inst = instances[idx]
         results = [inst.judge(im) for im in images]
         row = {**inst.record, "seed": inst.seed, "passed": [r.passed for r in results],
-               "reasons": [r.reason for r in results]}
+               "reasons": [r.reason for r in results], "off_palette": [off_palette(r) for r in results]}
+        if settings.think:
+            row.update(_judge_thoughts(inst, results, thoughts))
         framed = ([(inst.source, None)] if inst.source is not None else []) + \
             [(im, r.passed) for im, r in zip(images, results)]
         done[idx] = (row, framed)
@@ -151,17 +165,53 @@ def _run(pipe: NextStepPipeline, kind: str, instances: list[Instance], n: int, s
     return report
 
 
+def _judge_thoughts(inst: Instance, results: list[CheckResult], thoughts: list[str]) -> dict[str, list]:
+    """What the report records of an instance's thoughts: the thoughts, whether each image shows its
+    thought (from the checker's detection), and for a caption whether each thought fits it."""
+    record: dict[str, list] = {"thoughts": list(thoughts),
+                               "image_agrees_with_thought": [image_agrees_with_thought(r.detection, t)
+                                                             for r, t in zip(results, thoughts, strict=True)]}
+    if inst.caption is not None:
+        record["thought_agrees_with_caption"] = [thought_agrees_with_caption(t, inst.caption) for t in thoughts]
+    return record
+
+
+THOUGHT_CHECKS = ("thought_agrees_with_caption", "image_agrees_with_thought")  # their shares, in the report
+THOUGHT_LEGEND = {"thought_agrees_with_caption": "share of thoughts that fit the caption",
+                  "image_agrees_with_thought": "share of images that show their thought"}
+
+
+def off_palette(result: CheckResult) -> bool:
+    """Whether the checker found an object of no palette colour (off-palette, or mixed) in the image."""
+    return any(o.colour is None for o in result.detection.objects)
+
+
 def _summarise(kind: str, cases: dict[str, list[dict]], settings: dict, model: str | None, t0: float
                ) -> dict[str, Any]:
     categories = {}
     for name, rows in cases.items():
         passed = sum(sum(r["passed"]) for r in rows)
         images = sum(len(r["passed"]) for r in rows)
+        off = sum(sum(r["off_palette"]) for r in rows)
         categories[name] = {"prompts": len(rows), "images": images, "passed": passed,
-                            "score": passed / images, "grid": f"{name}.png", "cases": rows}
+                            "score": passed / images, "off_palette": off / images, "grid": f"{name}.png",
+                            "cases": rows}
+        for check_name in THOUGHT_CHECKS:
+            if rows and check_name in rows[0]:
+                categories[name][check_name] = sum(sum(r[check_name]) for r in rows) / images
     overall = sum(c["score"] for c in categories.values()) / len(categories)
-    return {"benchmark": kind, "model": model, "settings": settings, "categories": categories,
-            "overall": overall, "seconds": round(time.perf_counter() - t0, 3)}
+    report = {"benchmark": kind, "model": model, "settings": settings, "categories": categories,
+              "overall": overall, "seconds": round(time.perf_counter() - t0, 3)}
+    for check_name in THOUGHT_CHECKS:  # overall: the mean over categories, as the score
+        shares = [c[check_name] for c in categories.values() if check_name in c]
+        if shares:
+            report[check_name] = sum(shares) / len(shares)
+    if kind == "shapes":  # the share of off-palette images among prompts that name no colour
+        plain = [r for rows in cases.values() for r in rows
+                 if all(o.colour is None for o in parse_caption(r["prompt"]).objects)]
+        images = sum(len(r["off_palette"]) for r in plain)
+        report["off_palette_without_colour_words"] = sum(sum(r["off_palette"]) for r in plain) / max(images, 1)
+    return report
 
 
 def run_shapes_benchmark(pipe: NextStepPipeline, per_category: int = 40, n: int = 4, seed: int | None = None, *,
@@ -175,7 +225,7 @@ def run_shapes_benchmark(pipe: NextStepPipeline, per_category: int = 40, n: int 
     seed = SET_SEED if seed is None else seed
     _square(settings)
     prompts = benchmark_prompts(per_category, seed)
-    instances = [Instance(c, p, instance_seed(seed, ci, i), lambda im, p=p: check(im, p), {"prompt": p})
+    instances = [Instance(c, p, instance_seed(seed, ci, i), lambda im, p=p: check(im, p), {"prompt": p}, caption=p)
                  for ci, c in enumerate(CATEGORIES) for i, p in enumerate(prompts[c])]
     return _run(pipe, "shapes", instances, n, settings, batch_size, out, model, progress, t0,
                 per_category=per_category, set_seed=seed)
@@ -233,11 +283,23 @@ def write_outputs(out: Path, report: dict[str, Any],
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The per-category scores as a plain-text table."""
+    """The per-category scores as a plain-text table (with thinking, also the thought checks' shares)."""
     width = max(len("category"), *(len(c) for c in report["categories"]))
-    lines = [f"{'category':<{width}}  prompts  images  distinct  passed  score"]
+    thought = [(name, header) for name, header in zip(THOUGHT_CHECKS, ("thought~caption", "image~thought"))
+               if name in report]  # the thought checks the report has, and their columns' headers
+
+    def shares(c: dict[str, Any]) -> str:
+        return "".join(f"  {c[name]:>{len(header)}.3f}" for name, header in thought)
+
+    lines = [f"{'category':<{width}}  prompts  images  distinct  passed  score"
+             + "".join(f"  {header}" for _, header in thought)]
     for name, c in report["categories"].items():
         lines.append(f"{name:<{width}}  {c['prompts']:>7}  {c['images']:>6}  {c.get('distinct_images', ''):>8}  "
-                     f"{c['passed']:>6}  {c['score']:.3f}")
-    lines.append(f"{'overall':<{width}}  {'':>7}  {'':>6}  {'':>8}  {'':>6}  {report['overall']:.3f}")
+                     f"{c['passed']:>6}  {c['score']:.3f}" + shares(c))
+    lines.append(f"{'overall':<{width}}  {'':>7}  {'':>6}  {'':>8}  {'':>6}  {report['overall']:.3f}"
+                 + shares(report))
+    if thought:
+        lines.append("; ".join(f"{header}: {THOUGHT_LEGEND[name]}" for name, header in thought))
+    if "off_palette_without_colour_words" in report:
+        lines.append(f"off-palette images, prompts without colour words: {report['off_palette_without_colour_words']:.3f}")
     return "\n".join(lines)

@@ -4,6 +4,14 @@ An image of h x w tokens is written as
 `<|image_area|>{h}*{w}<|begin_of_image|>` + h*w `<|image_placeholder|>` + `<|end_of_image|>`;
 the placeholders are later filled with projected image tokens. A generation
 prompt ends right after `<|begin_of_image|>`.
+
+Self-CoT (docs/self-cot.md): a row may carry a thought between its text and the image it
+generates, `THOUGHT_OPEN` + thought, ended by the image block's own `<|image_area|>`:
+
+    caption + "\nthought: " + thought + <|image_area|>h*w<|begin_of_image|> ...
+
+No new special tokens, so official checkpoints and tokenizers load unchanged. In an edit row
+the thought stands right before the target image block.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from .tokenizer import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_AREA, IMAGE_PLACEHOLDER
 
 IMAGE_TAG = "<image>"  # where an edit caption puts its source image
+THOUGHT_OPEN = "\nthought: "  # what opens a thought; the next <|image_area|> closes it
 # Where an edit prompt without an `<image>` tag gets its source image: "first" (before the
 # instruction, as the official models are trained) or "last" (right before the target, so
 # that source token k and target token k are a fixed number of positions apart).

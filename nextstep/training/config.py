@@ -63,6 +63,9 @@ class DataSource:
     size: int = 64  # shapes: image side
     edits: bool = False  # shapes: editing triplets instead of captions
     dark_prob: float = 0.2  # shapes: the share of scenes (edits: sources) on a dark background
+    # shapes: the share of samples whose row holds the plan of the image (edits: of the target) between
+    # the text and the image block, the thought of self-CoT (docs/self-cot.md)
+    plan_prob: float = 0.0
     path: str = ""  # files: folder, manifest or shard pattern
     resolution: int = 256  # files: bucket base resolution
     task: str = "t2i"  # files: "t2i" or "edit"
@@ -223,6 +226,9 @@ class TrainConfig:
                 problems.append(f"{name}={value} (must be >= 1)")
         if not 0 <= self.train.context_noise < float("inf"):
             problems.append(f"train.context_noise={self.train.context_noise} (must be a number >= 0)")
+        elif self.train.context_noise and self.stage in ("dpo", "grpo"):
+            problems.append(f"train.context_noise={self.train.context_noise} (stage={self.stage!r} reads clean "
+                            "tokens: its log-probabilities or errors are compared with another pass; set 0)")
         try:  # checked against the official defaults; the model's size is filled in when sampling
             GenerationSettings().with_overrides(**self.train.sample_settings)
         except (TypeError, ValueError) as e:
@@ -254,6 +260,11 @@ class TrainConfig:
                 problems.append(f"data.sources[{i}].path={s.path!r} does not exist")
             if s.kind == "shapes" and not 0 <= s.dark_prob <= 1:
                 problems.append(f"data.sources[{i}].dark_prob={s.dark_prob} (must be in [0, 1])")
+            if not 0 <= s.plan_prob <= 1:
+                problems.append(f"data.sources[{i}].plan_prob={s.plan_prob} (must be in [0, 1])")
+            elif s.plan_prob and s.kind != "shapes":
+                problems.append(f"data.sources[{i}].plan_prob={s.plan_prob} (only shapes sources have plans; "
+                                f"kind={s.kind!r})")
             if not s.weight > 0:
                 problems.append(f"data.sources[{i}].weight={s.weight} (must be > 0)")
         if self.init_from:

@@ -50,6 +50,9 @@ class GRPOSection:
     # GenerationSettings overrides for the rollouts (e.g. hw, num_sampling_steps, timesteps_shift);
     # unset ones are the init_from model's defaults. Rollouts never use guidance.
     rollout_settings: dict[str, Any] = field(default_factory=dict)
+    # The share of a step's prompts that are edits of the shapes world (drawn per (seed, step, prompt));
+    # shapes-world prompts only, not with a `prompts` file.
+    edit_fraction: float = 0.0
 
     def problems(self) -> list[str]:
         """What is wrong with this [grpo] table, one 'grpo.KEY=VALUE (why)' item per problem."""
@@ -70,10 +73,16 @@ class GRPOSection:
             problems.append(f"grpo.sampler={self.sampler!r} (one of {GRPO_SAMPLERS}: a stochastic sampler)")
         if self.noise_level is not None and not 0 < self.noise_level <= 1:
             problems.append(f"grpo.noise_level={self.noise_level} (must be in (0, 1]: 0 leaves nothing to learn)")
-        for key in ("cfg", "sampler", "noise_level"):
+        for key in ("cfg", "cfg_img", "sampler", "noise_level"):
             if key in self.rollout_settings:
                 problems.append(f"grpo.rollout_settings.{key} (rollouts use no guidance; set grpo.sampler "
                                 "and grpo.noise_level instead)")
+        if not 0 <= self.edit_fraction <= 1:
+            problems.append(f"grpo.edit_fraction={self.edit_fraction} (must be in [0, 1]: the share of "
+                            "prompts that are edits)")
+        elif self.edit_fraction > 0 and self.prompts:
+            problems.append(f"grpo.edit_fraction={self.edit_fraction} with grpo.prompts (a prompts file holds "
+                            "captions only: edit prompts come from the shapes world, so leave grpo.prompts unset)")
         return problems
 
 

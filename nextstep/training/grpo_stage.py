@@ -1,12 +1,15 @@
 """`stage = "grpo"`: NextStep-GRPO as a stage kind of `nextstep train` (see `grpo.py` for the objective).
 
 Each step: the step's prompts (captions of the shapes world, drawn with the
-training seed: prompt j of step s is world sample s * P + j) are dealt to the
-ranks (rank r takes j = r, r + R, ...). Every prompt gets G rollouts with the
-current policy, whose noise comes from a seed of (seed, step, j): a step's
-rollouts are a function of the seed, the step, the prompt and the model only,
-so N ranks sample what one process does and a resumed run what an
-uninterrupted one did. The rewards' group-normalised advantages then weight
+training seed: prompt j of step s is world sample s * P + j; with
+`edit_fraction`, prompt j is instead, when a draw of (seed, step, j) says so,
+sample s * P + j of the world's edits: a source image and an instruction) are
+dealt to the ranks (rank r takes j = r, r + R, ...). Every prompt gets G
+rollouts with the current policy (an edit's rows hold its source image where
+the model's `source_image` setting says), whose noise comes from a seed of
+(seed, step, j): a step's rollouts are a function of the seed, the step, the
+prompt and the model only, so N ranks sample what one process does and a
+resumed run what an uninterrupted one did. The rewards' group-normalised advantages then weight
 one teacher-forced pass per rank (one forward and one backward, as FSDP
 wants) over every rollout of that rank, at a random subset of the flow steps.
 """
@@ -14,16 +17,19 @@ wants) over every rollout of that rank, at a random subset of the flow steps.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..pipeline import NextStepPipeline
 from ..sampling.requests import GenerationRequest
 from ..settings import SEED_MODULUS
 from ..shapes.dataset import ShapesConfig, make_sample
-from ..shapes.world import CATEGORIES
+from ..shapes.grammar import parse_instruction
+from ..shapes.renderer import render_image
+from ..shapes.world import CATEGORIES, EDIT_OPS
 from . import distributed as dist
 from .grpo import NO_GUIDANCE, clipped_objective, gaussian_kl, group_advantages
 from .rewards import checked_scores, load_reward
@@ -31,16 +37,34 @@ from .rollout import Rollout, rollout, transition_log_probs, transition_means
 from .stages import StageContext, init_defaults, reference_model
 from .supervised import draw_seed
 
+EDIT_DRAW_BITS = 52  # a draw of (seed, step, j) as an exact float in [0, 1): this many bits of the seed
+
+
+@dataclass(frozen=True)
+class StepPrompt:
+    """Prompt j of a step: a caption, or an edit instruction with its source image."""
+
+    j: int
+    text: str
+    category: str = ""  # the shapes caption category ("" for a prompts file's lines and for edits)
+    source: Image.Image | None = None  # an edit's source image
+    edit_kind: str = ""  # an edit's kind, one of EDIT_OPS
+
 
 class GRPOStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         config, env = ctx.config, ctx.env
         self.grpo = g = config.grpo
-        self.pipe = NextStepPipeline(ctx.model, ctx.vae, ctx.tokenizer, init_defaults(config))
-        own = self.pipe.settings.with_overrides(**g.rollout_settings)
+        defaults = init_defaults(config)
+        self.pipe = NextStepPipeline(ctx.model, ctx.vae, ctx.tokenizer, defaults)
+        own = self.pipe.settings
+        if "source_image" not in defaults:  # a training export has no defaults file: edits go where training put them
+            own = own.with_overrides(source_image=config.data.source_image)
+        own = own.with_overrides(**g.rollout_settings)
         noise_level = own.noise_level if g.noise_level is None else g.noise_level
-        self.settings = own.with_overrides(cfg=NO_GUIDANCE, sampler=g.sampler, noise_level=noise_level)
+        self.settings = own.with_overrides(cfg=NO_GUIDANCE, cfg_img=NO_GUIDANCE, sampler=g.sampler,
+                                           noise_level=noise_level)
         self.reward = load_reward(g.reward)
         self.reference = reference_model(config, env.device) if g.kl_weight > 0 else None
         self.prompt_lines: list[str] = []
@@ -49,7 +73,14 @@ class GRPOStage:
             if not self.prompt_lines:
                 raise ValueError(f"grpo.prompts={g.prompts!r} holds no prompts")
         else:
-            self.world = ShapesConfig(seed=config.seed, dark_prob=config.data.sources[0].dark_prob)
+            dark_prob = config.data.sources[0].dark_prob
+            self.world = ShapesConfig(seed=config.seed, dark_prob=dark_prob)
+            if g.edit_fraction > 0:  # the sources are drawn at the rollouts' size: an edit keeps its size
+                h, w = self.settings.hw
+                if h != w:
+                    raise ValueError(f"grpo.edit_fraction={g.edit_fraction} needs square rollouts (the shapes "
+                                     f"world's images are square), got hw={self.settings.hw}")
+                self.edit_world = ShapesConfig(size=h, seed=config.seed, edits=True, dark_prob=dark_prob)
         # The text head is never scored here: frozen, so that every trained parameter has a gradient
         # and optimizer state (a checkpoint's optimizer state must cover every parameter it trains).
         if not ctx.model.config.tie_word_embeddings:
@@ -62,28 +93,50 @@ class GRPOStage:
             self.forward_hidden = ctx.trained.forward_hidden
 
     # ------------------------------------------------------------------ rollouts
-    def prompts(self, step: int) -> list[tuple[int, str, str]]:
-        """(j, caption, category) of every prompt of the step (all ranks'); a file's prompts have no category."""
+    def is_edit(self, step: int, j: int) -> bool:
+        """Whether prompt j of the step is an edit: a draw of (seed, step, j) below `edit_fraction`."""
+        draw = draw_seed(self.ctx.config.seed, step, "edit", j) >> (63 - EDIT_DRAW_BITS)
+        return draw / 2**EDIT_DRAW_BITS < self.grpo.edit_fraction
+
+    def prompts(self, step: int) -> list[StepPrompt]:
+        """Every prompt of the step (all ranks')."""
         P = self.grpo.prompts_per_step
         if self.prompt_lines:
             lines = self.prompt_lines
-            return [(j, lines[(step * P + j) % len(lines)], "") for j in range(P)]
-        samples = [make_sample(self.world, step * P + j) for j in range(P)]
-        return [(j, s.caption, s.category) for j, s in enumerate(samples)]
+            return [StepPrompt(j, lines[(step * P + j) % len(lines)]) for j in range(P)]
+        out = []
+        for j in range(P):
+            if self.is_edit(step, j):
+                s = make_sample(self.edit_world, step * P + j)
+                out.append(StepPrompt(j, s.instruction, source=render_image(s.source),
+                                      edit_kind=parse_instruction(s.instruction).op))
+            else:
+                s = make_sample(self.world, step * P + j)
+                out.append(StepPrompt(j, s.caption, s.category))
+        return out
 
-    def request(self, step: int, prompts: list[tuple[int, str, str]], width: int) -> GenerationRequest:
+    def width(self, prompts: list[StepPrompt]) -> int:
+        """The longest prompt row of `prompts`, in tokens."""
+        return max(self.pipe.prompt_length(p.text, p.source, self.settings, plain=True) for p in prompts)
+
+    def request(self, step: int, prompts: list[StepPrompt], width: int) -> GenerationRequest:
         """One batch of G rows per prompt, each prompt left-padded to `width` tokens (the step's
-        longest prompt, whichever rank has it: a row's positions do not depend on the rank)."""
+        longest prompt, whichever rank has it: a row's positions do not depend on the rank). Edit
+        rows carry their source latents (`latents`, in row order); text-to-image rows none."""
         parts = []
-        for j, caption, _ in prompts:
-            seed = draw_seed(self.ctx.config.seed, step, "rollout", j) % SEED_MODULUS
-            r = self.pipe.prepare(caption, None, self.grpo.group_size, seed, self.settings, plain=True)
+        for p in prompts:
+            seed = draw_seed(self.ctx.config.seed, step, "rollout", p.j) % SEED_MODULUS
+            r = self.pipe.prepare(p.text, p.source, self.grpo.group_size, seed, self.settings, plain=True)
             pad = width - r.prompt_length
             ids = torch.nn.functional.pad(r.input_ids, (pad, 0), value=self.ctx.tokenizer.pad_id)
             mask = torch.nn.functional.pad(r.attention_mask, (pad, 0), value=0)
             parts.append(replace(r, input_ids=ids, attention_mask=mask))
+        sources = [x for p in parts if p.latents is not None
+                   for x in ([p.latents] if isinstance(p.latents, torch.Tensor) else p.latents)]
+        # torch.cat also turns the VAE's inference-mode tensors into ones autograd may save.
+        latents = torch.cat(sources) if sources else None
         return replace(parts[0], input_ids=torch.cat([p.input_ids for p in parts]),
-                       attention_mask=torch.cat([p.attention_mask for p in parts]),
+                       attention_mask=torch.cat([p.attention_mask for p in parts]), latents=latents,
                        noise=torch.cat([p.noise for p in parts], dim=2))
 
     @torch.no_grad()
@@ -113,13 +166,12 @@ class GRPOStage:
     def accumulate_gradients(self, step: int) -> dict[str, float]:
         ctx, env, g = self.ctx, self.ctx.env, self.grpo
         everything = self.prompts(step)
-        width = max(self.pipe.prompt_length(c, None, self.settings, plain=True) for _, c, _ in everything)
         mine = everything[env.rank::env.world_size]
-        ro = self.sample(self.request(step, mine, width))
+        ro = self.sample(self.request(step, mine, self.width(everything)))
         images = self.pipe.decode_tokens(ro.tokens, ro.grid)
-        captions = [c for _, c, _ in mine for _ in range(g.group_size)]
-        rewards = torch.tensor(checked_scores(self.reward(images, captions, [None] * len(images)),
-                                              len(images), g.reward))
+        rows = [p for p in mine for _ in range(g.group_size)]  # the prompt of each image
+        scores = self.reward(images, [p.text for p in rows], [p.source for p in rows])
+        rewards = torch.tensor(checked_scores(scores, len(images), g.reward))
         advantages, keep = group_advantages(rewards, g.group_size, g.reject_mean_above)
         steps = self.flow_steps(step, ro.stochastic)
         n_terms = ro.tokens.shape[1] * len(steps)  # per image
@@ -150,11 +202,16 @@ class GRPOStage:
         sums.update(samples=float(len(images)), images=float(len(images)), reward=float(rewards.sum()),
                     reward_sq=float(rewards.pow(2).sum()), groups=float(len(mine)),
                     rejected_groups=float(len(mine) - int(keep.sum()) // g.group_size))
-        passed = (rewards == 1.0).tolist()
-        for cat in CATEGORIES:  # every key on every rank: the ranks sum them in one list
-            mask = [c == cat for _, _, c in mine for _ in range(g.group_size)]
-            sums[f"n_{cat}"] = float(sum(mask))
-            sums[f"pass_{cat}"] = float(sum(p for p, m in zip(passed, mask) if m))
+        passed, values = (rewards == 1.0).tolist(), rewards.tolist()
+        # Every key on every rank: the ranks sum them in one list.
+        for kind, mask in [(cat, [p.category == cat for p in rows]) for cat in CATEGORIES] + [
+                (f"edit_{op}", [p.edit_kind == op for p in rows]) for op in EDIT_OPS]:
+            sums[f"n_{kind}"] = float(sum(mask))
+            sums[f"pass_{kind}"] = float(sum(ok for ok, m in zip(passed, mask) if m))
+        is_edit = [p.source is not None for p in rows]
+        for task, mask in (("edits", is_edit), ("t2i", [not e for e in is_edit])):
+            sums[f"n_{task}"] = float(sum(mask))
+            sums[f"reward_{task}"] = float(sum(r for r, m in zip(values, mask) if m))
         return sums
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -166,9 +223,12 @@ class GRPOStage:
                "rejected_groups": sums["rejected_groups"], "groups": sums["groups"]}
         if self.reference is not None:
             out["kl"] = sums["kl"] / sums["terms"] if sums["terms"] else 0.0
-        for cat in CATEGORIES:
-            if sums[f"n_{cat}"]:
-                out[f"pass_{cat}"] = sums[f"pass_{cat}"] / sums[f"n_{cat}"]
+        for kind in [*CATEGORIES, *(f"edit_{op}" for op in EDIT_OPS)]:
+            if sums[f"n_{kind}"]:
+                out[f"pass_{kind}"] = sums[f"pass_{kind}"] / sums[f"n_{kind}"]
+        for task in ("edits", "t2i"):
+            if sums[f"n_{task}"]:
+                out[f"reward_{task}"] = sums[f"reward_{task}"] / sums[f"n_{task}"]
         return out
 
     def postfix(self, record: dict[str, float]) -> dict[str, str]:

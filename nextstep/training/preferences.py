@@ -208,7 +208,8 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
         atomic_write(out / IMAGES / name, lambda tmp: image.save(tmp, format="PNG"))
         return f"{IMAGES}/{name}"
 
-    for i, images in pipe.iter_generate(list(prompts), settings, list(seeds), n, sources, batch_images, progress):
+    for i, images, _ in pipe.iter_generate(list(prompts), settings, list(seeds), n, sources, batch_images,
+                                           progress):
         source = None if sources is None else sources[i]
         scores = checked_scores(reward(images, [prompts[i]] * n, [source] * n), n, "reward")
         all_scores += scores

@@ -11,6 +11,11 @@ sampler, written out step by step because every state is kept.
 teacher-forced pass of the decoder over prompt + sampled tokens (no cache),
 then one batched call of the flow head over every (token, step); the
 probability arithmetic is float32.
+
+An edit's row holds its source image in the prompt (`request.latents`, one
+image per such row, in row order; rows without one are text to image), so the
+teacher-forced pass reads each row's images in sequence order: the source,
+then the sampled image.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Rollout:
 
     input_ids: Tensor  # (B, T) left-padded prompt rows
     attention_mask: Tensor  # (B, T)
+    source_latents: Tensor | list[Tensor] | None  # the source image of each edit row, in row order
     tokens: Tensor  # (B, N, D) the image tokens as fed back and decoded (layer-normed with use_norm)
     states: Tensor  # (B, N, S + 1, D) float32: the noise, then the state after each flow step
     log_probs: Tensor  # (B, N, K) float32: log-probability of each stochastic step's transition
@@ -71,9 +77,10 @@ class Transitions:
 
 @torch.no_grad()
 def rollout(model: NextStep, request: GenerationRequest) -> Rollout:
-    """Sample the request's images (one guidance group) and record every flow step."""
-    if request.groups != 1 or request.latents is not None:
-        raise ValueError("GRPO rollouts are text-to-image without guidance (one row group)")
+    """Sample the request's images (one row group: no guidance) and record every flow step. Edit rows
+    read their source image from `request.latents` (one per row with image placeholders, in row order)."""
+    if request.groups != 1:
+        raise ValueError(f"GRPO rollouts sample without guidance (one row group), got {request.groups} groups")
     head = model.image_head.net
     sharded = isinstance(head, FSDPModule)  # under torchrun: the fused head reads whole weights, not shards
     if sharded:
@@ -104,7 +111,7 @@ def _sample(model: NextStep, r: GenerationRequest) -> Rollout:
     coefs = r.sampler.step_coefficients()
     stochastic = [i for i, (_, _, sigma) in enumerate(coefs) if sigma > 0]
 
-    h = prefill(model, model.embed(r.input_ids, None), key_valid, cache, rope)
+    h = prefill(model, model.embed(r.input_ids, r.latents), key_valid, cache, rope)
     tokens, states, log_probs = [], [], []
     for k in range(n_tokens):
         if r.pos_embed is not None:
@@ -126,7 +133,7 @@ def _sample(model: NextStep, r: GenerationRequest) -> Rollout:
         if k + 1 < n_tokens:
             slot = torch.tensor([T + k], device=device)
             h = decode_one_token(model, model.image_in_projector(token.to(dtype)), slot, key_valid, cache, rope)
-    return Rollout(r.input_ids, r.attention_mask, torch.stack(tokens, 1), torch.stack(states, 1),
+    return Rollout(r.input_ids, r.attention_mask, r.latents, torch.stack(tokens, 1), torch.stack(states, 1),
                    torch.stack(log_probs, 1), stochastic, r.sampler, r.grid, r.pos_embed)
 
 
@@ -140,8 +147,8 @@ def transition_means(model: NextStep, forward_hidden: Callable[..., Tensor], ro:
                               device=ro.input_ids.device)
     ids = torch.cat([ro.input_ids, placeholders], dim=1)
     mask = torch.cat([ro.attention_mask, torch.ones_like(placeholders, dtype=ro.attention_mask.dtype)], dim=1)
-    latents = unpatchify(ro.tokens, model.config.latent_patch_size, *ro.grid)
-    hidden = forward_hidden(ids, mask, latents)[:, T - 1: T - 1 + n_tokens]  # position p predicts token p + 1
+    hidden = forward_hidden(ids, mask, sequence_latents(model, ro))
+    hidden = hidden[:, T - 1: T - 1 + n_tokens]  # position p predicts token p + 1
     if ro.pos_embed is not None:
         hidden = hidden + ro.pos_embed
     c = model.image_out_projector(hidden)  # (B, N, hidden)
@@ -154,6 +161,26 @@ def transition_means(model: NextStep, forward_hidden: Callable[..., Tensor], ro:
     v = model.image_head.net(x.reshape(-1, D).to(c.dtype), t, cond).float().reshape(B, n_tokens, K, D)
     a, b = tr.a[idx].to(x.device)[:, None], tr.b[idx].to(x.device)[:, None]
     return a * x + b * v
+
+
+def sequence_latents(model: NextStep, ro: Rollout) -> Tensor | list[Tensor]:
+    """Every image of the rollout's rows in sequence order (as `NextStep.embed` fills the placeholders,
+    row by row): an edit row's source image, then its sampled image; text-to-image rows the latter only."""
+    sampled = unpatchify(ro.tokens, model.config.latent_patch_size, *ro.grid)
+    if ro.source_latents is None:
+        return sampled
+    sources = list(ro.source_latents.split(1) if isinstance(ro.source_latents, Tensor) else ro.source_latents)
+    has_source = (ro.input_ids == model.config.image_placeholder_id).any(dim=1).tolist()
+    if len(sources) != sum(has_source):
+        raise ValueError(f"{len(sources)} source images for {sum(has_source)} rows with image placeholders")
+    # The VAE encodes under inference_mode; such tensors cannot be saved for the backward pass.
+    sources = [x.clone() if x.is_inference() else x for x in reversed(sources)]  # popped from the end
+    out = []
+    for row, edit in enumerate(has_source):
+        if edit:
+            out.append(sources.pop())
+        out.append(sampled[row:row + 1])
+    return out
 
 
 def transition_log_probs(means: Tensor, ro: Rollout, steps: list[int]) -> Tensor:

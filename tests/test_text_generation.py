@@ -1,0 +1,240 @@
+"""Text generation with the LM head, and self-CoT (`think=True`): determinism, batch invariance,
+greedy copying, stop tokens, thoughts in the image prompt, the CLI, the server engine, and the
+first text logits against the reference fixture.
+
+The reference-tiny checkpoint (tests/fixtures) is an official-format model that was never
+trained to think: its thoughts are random text, which is what these mechanics need.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nextstep.cli import main
+from nextstep.config import NextStepConfig
+from nextstep.model import NextStep
+from nextstep.pipeline import NextStepPipeline
+from nextstep.sampling.text import TextSampling, draw_uniforms, sample_text
+from nextstep.serving import Engine
+from nextstep.settings import GenerationSettings, InvalidSettings
+from nextstep.text import THOUGHT_OPEN, Plain, image_prefix
+
+from .conftest import assert_close
+
+COPIED = "the quick brown fox jumps over the lazy dog"
+STEPS = 2  # flow steps per image token: the images only need to exist
+
+
+@pytest.fixture(scope="module")
+def pipe(ref10: Path) -> NextStepPipeline:
+    p = NextStepPipeline.from_pretrained(ref10 / "model", ref10 / "vae", device="cpu", dtype=torch.float32)
+    p.settings = p.settings.with_overrides(hw=(64, 64), num_sampling_steps=STEPS, cfg=3.0)
+    return p
+
+
+@pytest.fixture(scope="module")
+def copier(pipe: NextStepPipeline) -> NextStepPipeline:
+    """A tiny NextStep trained from scratch (100 steps, about 2 s) to write COPIED then <|endoftext|>."""
+    torch.manual_seed(0)
+    model = NextStep(pipe.model.config)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([pipe.tokenizer.encode(COPIED) + [pipe.tokenizer.tokenizer.token_to_id("<|endoftext|>")]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        logits = model.lm_head(model.forward_hidden(ids)[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"the copy model did not learn its string (loss {loss.item():.3f})"
+    model.eval()
+    return NextStepPipeline(model, pipe.vae, pipe.tokenizer)
+
+
+# ---------------------------------------------------------------------- sampling
+def test_sampling_with_a_seed_is_deterministic_and_batch_invariant(pipe: NextStepPipeline) -> None:
+    prompts = ["a red circle", "a blue square", "two green triangles on a dark background", "a"]
+    assert len(pipe.tokenizer.encode(prompts[0])) == len(pipe.tokenizer.encode(prompts[1]))  # they share a call
+    together = pipe.generate_text(prompts, max_new_tokens=12, seed=7)
+    alone = [pipe.generate_text(p, max_new_tokens=12, seed=7) for p in prompts]
+    assert together == alone
+    assert pipe.generate_text(prompts, max_new_tokens=12, seed=7) == together  # same seed, same text
+    assert pipe.generate_text(prompts, max_new_tokens=12, seed=8) != together
+    # Per-row seeds at the sampling level: row k of a batch is the row alone, whatever its neighbours.
+    s = pipe.settings.with_overrides(thought_max_tokens=10, text_top_k=50, text_top_p=0.9)
+    rows = [(Plain(p),) for p in ["a red circle", "a blue square", "a red circle"]]
+    batch = pipe.write(rows, [None] * 3, [1, 2, 3], s, [], batch_size=3)
+    assert batch == [pipe.write([r], [None], [seed], s, [], batch_size=1)[0] for r, seed in zip(rows, [1, 2, 3])]
+    assert batch[0] != batch[2]  # the same prompt with another seed: other text
+    assert all(len(t) == 10 for t in batch)  # no stop tokens: max_new_tokens each
+
+
+def test_greedy_copies_the_trained_string_and_stops(copier: NextStepPipeline) -> None:
+    words = COPIED.split(" ")
+    prompt = " ".join(words[:2])
+    text = copier.generate_text(prompt, max_new_tokens=40, temperature=0)
+    assert prompt + text == COPIED  # and it stopped at <|endoftext|>, which is not returned
+    # Greedy ignores the seed; a stop token of our choosing ends the text before it.
+    assert copier.generate_text(prompt, max_new_tokens=40, temperature=0, seed=5) == text
+    fox = copier.tokenizer.encode(" fox")
+    assert len(fox) == 1
+    assert copier.generate_text(prompt, max_new_tokens=40, temperature=0, stop=[fox[0]]) == " brown"
+    assert copier.generate_text(prompt, max_new_tokens=40, temperature=0, stop=[" fox"]) == " brown"
+
+
+def test_max_new_tokens_bounds_the_text(copier: NextStepPipeline) -> None:
+    s = copier.settings.with_overrides(text_temperature=0.0)
+    for n in (1, 3, 5):
+        (ids,) = copier.write([(Plain("the quick"),)], [None], [0], s.with_overrides(thought_max_tokens=n),
+                              copier.special_ids, 1)
+        assert len(ids) == n
+        assert copier.tokenizer.decode(ids) == COPIED[len("the quick"):][:len(copier.tokenizer.decode(ids))]
+
+
+def test_top_k_one_is_greedy_and_bad_sampling_is_refused(copier: NextStepPipeline) -> None:
+    greedy = copier.generate_text("the quick", max_new_tokens=8, temperature=0)
+    assert copier.generate_text("the quick", max_new_tokens=8, temperature=1.5, top_k=1, seed=3) == greedy
+    assert copier.generate_text("the quick", max_new_tokens=8, top_p=1e-6, seed=4) == greedy
+    with pytest.raises(InvalidSettings, match="text_top_p"):
+        GenerationSettings(text_top_p=0)
+    with pytest.raises(InvalidSettings, match="text_temperature"):
+        GenerationSettings(text_temperature=-1)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        copier.generate_text("the quick", max_new_tokens=0)
+    with pytest.raises(ValueError, match="one token"):
+        copier.generate_text("the quick", stop=["brown fox"])
+    with pytest.raises(ValueError, match="empty"):
+        copier.generate_text("")
+
+
+def test_inverse_cdf_follows_the_probabilities() -> None:
+    """Over many uniforms, each token is picked in proportion to its (top-k / top-p cut) probability."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    u = draw_uniforms(list(range(2000)), 1)[:, 0]
+    for sampling, expected in [(TextSampling(1.0, 0, 1.0), [0.5, 0.3, 0.15, 0.05]),
+                               (TextSampling(1.0, 2, 1.0), [0.625, 0.375, 0, 0]),
+                               (TextSampling(1.0, 0, 0.7), [0.625, 0.375, 0, 0])]:
+        picked = sampling.pick(logits.expand(len(u), -1), u)
+        share = torch.bincount(picked, minlength=4).float() / len(u)
+        assert torch.allclose(share, torch.tensor(expected), atol=0.04), (sampling, share)
+
+
+# ---------------------------------------------------------------------- the reference checkpoint
+@pytest.mark.parametrize("name", ["lm_text", "lm_text_padded"])
+def test_first_text_token_logits_are_the_reference_logits(pipe: NextStepPipeline, expected10: dict, name: str
+                                                          ) -> None:
+    ids = expected10[f"{name}/input_ids"]
+    mask = expected10.get(f"{name}/attention_mask", torch.ones_like(ids))
+    expected = expected10[f"{name}/logits_last"][:, 0]
+    trace: dict = {}
+    sample_text(pipe.model, ids, mask, 1, TextSampling(0.0, 0, 1.0), torch.zeros(len(ids), 1), trace=trace)
+    assert_close(trace["logits"][0], expected, 1e-5, "first-token logits (batched, left-padded)")
+    # Through the pipeline: each prompt as plain text, the logits its first token is drawn from.
+    for row in range(len(ids)):
+        text = pipe.tokenizer.decode(ids[row][mask[row].bool()].tolist())
+        trace = {}
+        pipe.write([(Plain(text),)], [None], [0], pipe.settings, pipe.special_ids, 1, trace=trace)
+        vocab = len(pipe.tokenizer)  # the padded rows of the LM head are never sampled
+        assert_close(trace["logits"][0][:, :vocab], expected[row:row + 1, :vocab], 1e-5, f"{name} row {row}")
+        assert torch.isinf(trace["logits"][0][:, vocab:]).all()
+
+
+def test_think_on_a_model_never_trained_to_think(pipe: NextStepPipeline) -> None:
+    prompts = ["a red circle", "two blue squares above a green triangle"]
+    out = pipe(prompts, think=True, generator=11, num_images_per_prompt=2, thought_max_tokens=6)
+    assert len(out.images) == 4 and all(im.size == (64, 64) for im in out.images)
+    assert len(out.texts) == 4 and all(isinstance(t, str) and t == t.strip() for t in out.texts)
+    # Each image's thought and image are those of its prompt and seed alone.
+    alone = pipe(prompts[1], think=True, generator=12, thought_max_tokens=6)
+    assert alone.texts[0] == out.texts[3]
+    assert alone.images[0].tobytes() == out.images[3].tobytes()
+    plain = pipe(prompts[0], generator=11)
+    assert plain.texts == [""]
+
+
+def test_the_thought_is_in_the_conditional_row_only(pipe: NextStepPipeline) -> None:
+    s = pipe.settings.with_overrides(think=True, thought_max_tokens=5)
+    (images,) = pipe.generate(["a red circle"], s, [3])
+    ((i, _, (thought,)),) = list(pipe.iter_generate(["a red circle"], s, [3]))
+    request = pipe.prepare("a red circle", None, 1, 3, s, plain=True, thoughts=[thought])
+    enc = pipe.tokenizer.encode
+    cond = enc("a red circle") + enc(THOUGHT_OPEN, plain=True) + enc(thought, plain=True)
+    prefix = request.input_ids[0, request.attention_mask[0].bool()].tolist()
+    assert prefix[:len(cond)] == cond and prefix[len(cond)] == pipe.tokenizer.image_area_id
+    uncond = request.input_ids[1, request.attention_mask[1].bool()].tolist()
+    assert uncond == pipe.tokenizer.encode(image_prefix(*request.grid))  # no caption, so no thought
+    drawn = pipe.decode_tokens(pipe.sample_tokens(request), request.grid)[0]
+    assert drawn.tobytes() == images[0].tobytes()
+
+
+def test_an_edit_thinks_before_its_target(pipe: NextStepPipeline) -> None:
+    from PIL import Image
+
+    source = Image.new("RGB", (64, 64), "red")
+    out = pipe("make it blue", image=source, think=True, generator=2, thought_max_tokens=4, source_image="last")
+    assert len(out.images) == 1 and len(out.texts) == 1
+    s = pipe.settings.with_overrides(source_image="last")
+    row = pipe.thought_prompt("make it blue", source, s)
+    ids = pipe.tokenizer.encode_row(row)
+    assert ids[-len(pipe.tokenizer.encode(THOUGHT_OPEN)):] == pipe.tokenizer.encode(THOUGHT_OPEN)
+    assert ids.index(pipe.tokenizer.image_area_id) > 0  # the source block stands before the thought
+
+
+# ---------------------------------------------------------------------- CLI and server
+def test_cli_prints_and_saves_each_thought(pipe: NextStepPipeline, ref10: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(ref10 / "model", model)
+    shutil.copytree(ref10 / "vae", model / "vae")
+    (model / "generation_defaults.json").write_text(json.dumps(
+        {"hw": [64, 64], "num_sampling_steps": STEPS, "cfg": 3.0, "thought_max_tokens": 5}))
+    out = tmp_path / "t.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--think", "-n", "2", "--seed", "4",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    expected = pipe("a red circle", think=True, generator=4, num_images_per_prompt=2, thought_max_tokens=5).texts
+    for k in range(2):
+        assert (tmp_path / f"t_{k}.txt").read_text(encoding="utf-8") == expected[k] + "\n"
+        assert f"thought: {expected[k]}" in printed
+    assert main(["generate", "a red circle", "--model", str(model), "-o", str(tmp_path / "plain.png")]) == 0
+    assert not (tmp_path / "plain.txt").exists()  # no thought, no text file
+
+
+def test_engine_thinks_then_draws_as_the_pipeline_does(pipe: NextStepPipeline) -> None:
+    s = pipe.settings.with_overrides(think=True, thought_max_tokens=5)
+    engine = Engine(pipe, slots=2, max_queue=8, gather_s=0.05)
+    try:
+        futures = engine.submit("a red circle", [21, 22], s) + engine.submit("a red circle", [23], pipe.settings)
+        got = [f.result(120) for f in futures]
+    finally:
+        engine.close()
+    (images,) = pipe.generate(["a red circle"], s, [21], n=2)
+    ((_, _, thoughts),) = list(pipe.iter_generate(["a red circle"], s, [21], n=2))
+    assert [im.info.get("thought") for im in got] == [*thoughts, None]
+    # Up to one level: the engine calls 2 slots, the pipeline draws a thought of its own length alone
+    # (float32 matmuls may round differently at another batch size, see tests/test_cli.py `close`).
+    assert all(np.abs(np.asarray(a, np.int16) - np.asarray(b)).max() <= 1 for a, b in zip(got, images))
+
+
+def test_api_returns_each_thought_as_revised_prompt(pipe: NextStepPipeline) -> None:
+    import httpx
+
+    from .serving import API_KEY, serve
+
+    s = pipe.settings.with_overrides(think=True)
+    ((_, _, thoughts),) = list(pipe.iter_generate(["a red circle"], s, [31], n=2))
+    with serve(pipe, slots=2) as served:
+        body = {"prompt": "a red circle", "n": 2, "seed": 31, "size": "64x64", "think": True}
+        r = httpx.post(served.url + "/v1/images/generations", json=body,
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [d["revised_prompt"] for d in r.json()["data"]] == thoughts
+        r = httpx.post(served.url + "/v1/images/generations", json={**body, "think": False},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        assert [d["revised_prompt"] for d in r.json()["data"]] == [None, None]
