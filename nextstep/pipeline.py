@@ -232,8 +232,10 @@ class NextStepPipeline(TextWriter):
         jobs: dict[int, list[tuple[int, int]]] = {}  # prompt length -> [(prompt, k)], in order
         for i, p in enumerate(prompts):
             for k in range(n):
-                length = self.prompt_length(p, None if images is None else images[i], s, plain=True,
-                                            thought=thoughts[i][k] if s.think else None)
+                thought = thoughts[i][k] if s.think else None
+                if k == 0 or thought is not None:  # without thoughts a prompt's images share one length
+                    length = self.prompt_length(p, None if images is None else images[i], s, plain=True,
+                                                thought=thought)
                 jobs.setdefault(length, []).append((i, k))
         done: dict[int, dict[int, Image.Image]] = {i: {} for i in range(len(prompts))}
         with tqdm(total=len(prompts) * n, unit="image", disable=None if progress else True) as bar:  # None: TTY only
