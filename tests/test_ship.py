@@ -1,10 +1,12 @@
-"""`python -m nextstep.training.ship`: reshipping a model keeps the card that ships with it."""
+"""`python -m nextstep.training.ship`: reshipping a model keeps the card that ships with it; and
+`think_default`, which sets the shipped `think` from rewards on training prompts."""
 
 from __future__ import annotations
 
 import json
 
 from nextstep.pipeline import SHIPPED_MODEL
+from nextstep.training import think_default
 from nextstep.training.ship import main as ship_main
 
 
@@ -24,3 +26,19 @@ def test_ship_takes_its_card_and_defaults_from_the_destination(tmp_path):
     assert (dest / "model.safetensors").is_file() and (dest / "vae" / "config.json").is_file()
     assert not (dest / "stale.txt").exists()  # the destination is replaced as a whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # no temporary or old folder left
+
+
+def test_think_default_ships_the_better_mode_and_keeps_the_cheaper_one_on_a_tie(tmp_path, monkeypatch):
+    defaults = {"cfg": 3.0, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": True}
+    (tmp_path / "d.json").write_text(json.dumps(defaults))
+    args = [str(SHIPPED_MODEL), "--defaults", str(tmp_path / "d.json"), "--prompts", "2",
+            "--out", str(tmp_path / "choice.json"), "--write", str(tmp_path / "w.json")]
+    assert think_default.main(args) == 0
+    choice = json.loads((tmp_path / "choice.json").read_text())
+    for mode in ("think", "no_think"):
+        assert 0 <= choice[mode]["reward"] <= 1 and choice[mode]["passed"] in (0, 0.5, 1)
+    assert choice["think_default"] == (choice["think"]["reward"] > choice["no_think"]["reward"])
+    assert json.loads((tmp_path / "w.json").read_text()) == {**defaults, "think": choice["think_default"]}
+    monkeypatch.setattr(think_default, "shapes_reward", lambda images, prompts, sources: [0.5] * len(images))
+    assert think_default.main(args) == 0
+    assert json.loads((tmp_path / "w.json").read_text())["think"] is False

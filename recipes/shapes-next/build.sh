@@ -20,8 +20,12 @@ for stage in "$recipe"/[1-5]-*.toml; do
     out=$(grep -m1 '^out_dir' "$stage" | cut -d'"' -f2)
     [ -e "$out/DONE" ] || timed "$(basename "$stage" .toml)" nextstep train "$stage" --resume
 done
+# Think by default or not: decided on a stream of training prompts (nextstep/training/think_default.py).
+[ -e runs/shapes/generation_defaults.json ] || timed think-default python -m nextstep.training.think_default \
+    runs/shapes/5-grpo/export --defaults "$recipe/generation_defaults.json" \
+    --out runs/shapes/think-choice.json --write runs/shapes/generation_defaults.json
 python -m nextstep.training.ship runs/shapes/5-grpo/export nextstep/assets/shapes \
-    --defaults "$recipe/generation_defaults.json" --card nextstep/assets/shapes/MODEL_CARD.md
+    --defaults runs/shapes/generation_defaults.json --card nextstep/assets/shapes/MODEL_CARD.md
 cat runs/shapes/build-times.tsv
 for set in 0 1 2; do   # the three prompt sets of the model card
     nextstep eval shapes --seed $set --out runs/shapes/eval-shapes-$set
