@@ -64,7 +64,7 @@ class GRPOStage:
         own = own.with_overrides(**g.rollout_settings)
         noise_level = own.noise_level if g.noise_level is None else g.noise_level
         self.settings = own.with_overrides(cfg=NO_GUIDANCE, cfg_img=NO_GUIDANCE, sampler=g.sampler,
-                                           noise_level=noise_level)
+                                           noise_level=noise_level, think=False)  # rollouts hold no thought
         self.reward = load_reward(g.reward)
         self.reference = reference_model(config, env.device) if g.kl_weight > 0 else None
         self.prompt_lines: list[str] = []

@@ -200,6 +200,7 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
 
     if n < 2:
         raise ValueError(f"a pair needs at least 2 images per prompt, got n={n}")
+    settings = settings.with_overrides(think=False)  # a pair line holds no thought (docs/post-training.md)
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     lines: dict[int, dict[str, Any]] = {}
     all_scores: list[float] = []
