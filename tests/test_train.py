@@ -286,6 +286,24 @@ def test_recipe_stages_run_in_number_order(tmp_path):
                                                       "10-dpo.toml"]
 
 
+def test_a_recipe_folder_stops_at_alternative_stages(tmp_path, monkeypatch, capsys):
+    """5-grpo.toml and 5-dpo.toml are two ways to do stage 5: a folder run trains the stages before
+    them, then names both and stops, rather than running one after the other."""
+    import argparse
+
+    from nextstep.cli import train as cli
+
+    for name in ("1-pretrain", "5-grpo", "5-dpo", "6-more"):
+        (tmp_path / f"{name}.toml").write_text(f'stage = "pretrain"\nout_dir = "{tmp_path / name}"\nsteps = 1\n')
+    assert {n: [p.name for p in fs] for n, fs in cli.alternatives(cli.stage_files(tmp_path)).items()} == \
+        {5: ["5-dpo.toml", "5-grpo.toml"]}
+    trained = []
+    monkeypatch.setattr("nextstep.training.train.train", lambda config, resume: trained.append(config.out_dir))
+    assert cli.run(argparse.Namespace(config=tmp_path, resume=False, plan=False)) == 0
+    assert trained == [str(tmp_path / "1-pretrain")]
+    assert "5-dpo.toml and 5-grpo.toml are alternatives for stage 5" in capsys.readouterr().out
+
+
 def test_bf16_training_falls_back_to_fp32_on_cpus_without_native_bf16(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Emulated bf16 matmuls run tens of times slower than fp32: a recipe that asks for bf16 for

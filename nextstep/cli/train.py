@@ -10,7 +10,9 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train NextStep (one stage, or a whole recipe)",
                        description="Train one stage from a TOML config, or, given a recipe folder, every "
-                                   "numbered stage file in it (in number order) that has not finished yet. Under "
+                                   "numbered stage file in it (in number order) that has not finished yet, up to "
+                                   "a number held by several files (alternatives, such as 5-grpo and 5-dpo: "
+                                   "run the one you want by name). Under "
                                    "torchrun the model is sharded across ranks with FSDP2.")
     p.add_argument("config", type=Path, help="a stage's .toml file, or a recipe folder of them")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
@@ -33,6 +35,7 @@ def stage_number(path: Path) -> int:
 
 
 def stage_files(path: Path) -> list[Path]:
+    """A stage file, or a recipe folder's numbered stage files in number order."""
     if path.is_dir():
         numbered = [p for p in path.glob("*.toml") if p.stem[:1].isdigit()]
         files = sorted(numbered, key=lambda p: (stage_number(p), p.name))
@@ -42,8 +45,16 @@ def stage_files(path: Path) -> list[Path]:
     return [path]
 
 
+def alternatives(files: list[Path]) -> dict[int, list[Path]]:
+    """Stage numbers held by more than one file (e.g. 5-grpo.toml and 5-dpo.toml): the user picks one."""
+    by_number: dict[int, list[Path]] = {}
+    for f in files:
+        by_number.setdefault(stage_number(f), []).append(f)
+    return {n: fs for n, fs in by_number.items() if len(fs) > 1}
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..training.config import NOT_AVAILABLE, TrainConfig
+    from ..training.config import TrainConfig
     from ..training.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -51,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
     configs = [TrainConfig.from_file(f) for f in files]
     if args.plan:
         return print_plans(configs, args)
+    choices = alternatives(files) if len(files) > 1 else {}
     for f, config in zip(files, configs):
         if len(files) > 1:
-            if config.stage in NOT_AVAILABLE:
-                print(f"{f.name}: the {NOT_AVAILABLE[config.stage]} stage is not available yet; stopping here")
+            if stage_number(f) in choices:
+                names = " and ".join(p.name for p in choices[stage_number(f)])
+                print(f"{names} are alternatives for stage {stage_number(f)}: run the one you want by name "
+                      f"(nextstep train {args.config / '<file>'}); stopping here")
                 break
             if (Path(config.out_dir) / "DONE").exists():
                 print(f"{f.name}: already finished ({config.out_dir}/DONE)")

@@ -21,7 +21,6 @@ from .config_file import build, read_toml
 from .grpo import GRPOSection
 
 STAGES = ("pretrain", "mixed", "anneal", "sft", "dpo", "grpo")
-NOT_AVAILABLE: dict[str, str] = {}  # stage kinds listed in recipes but not built yet
 SOURCE_KINDS = ("shapes", "files")
 SCHEDULES = ("constant", "cosine")  # the learning-rate schedules of nextstep.training.optim
 # Keys of earlier versions: old -> where it is now.
@@ -214,9 +213,6 @@ class TrainConfig:
         where = self.source or "training config"
         if self.stage not in STAGES:
             raise ConfigError(f"{where}: stage={self.stage!r}; choose one of {STAGES}")
-        if self.stage in NOT_AVAILABLE:
-            raise ConfigError(f"{where}: the {NOT_AVAILABLE[self.stage]} stage is not available yet "
-                              "(it is listed in the recipe so the stages keep their order)")
         problems = []
         for name, value in [("steps", self.steps), ("data.batch_size", self.data.batch_size),
                             ("train.log_every", self.train.log_every),
