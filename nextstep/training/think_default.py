@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,19 @@ def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_pro
     result: dict[str, Any] = {"prompts": prompts, "seed": seed}
     for think in (False, True):
         s = pipe.settings.with_overrides(think=think)
+        t0 = time.perf_counter()
         images = [g[0] for g in pipe.generate(t2i, s, seeds=list(range(len(t2i))))]
         images += [g[0] for g in pipe.generate([c.instruction for c in cases], s,
                                                seeds=list(range(len(cases))), images=sources)]
+        seconds = time.perf_counter() - t0
         scores = shapes_reward(images, t2i + [c.instruction for c in cases], [None] * len(t2i) + sources)
         half = len(t2i)
         result["think" if think else "no_think"] = {
             "reward": sum(scores) / len(scores),
             "reward_t2i": sum(scores[:half]) / max(half, 1),
             "reward_edits": sum(scores[half:]) / max(len(cases), 1),
-            "passed": sum(x == 1.0 for x in scores) / len(scores)}
+            "passed": sum(x == 1.0 for x in scores) / len(scores),
+            "seconds_per_image": seconds / len(scores)}
     result["think_default"] = result["think"]["reward"] > result["no_think"]["reward"]
     return result
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("no_think", "think"):
         r = result[mode]
         print(f"{mode:>8}: reward {r['reward']:.3f} (captions {r['reward_t2i']:.3f}, edits {r['reward_edits']:.3f}), "
-              f"passed {r['passed']:.3f}")
+              f"passed {r['passed']:.3f}, {r['seconds_per_image']:.3f} s per image")
     print(f"think by default: {result['think_default']}")
     return 0
 
