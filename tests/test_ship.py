@@ -28,17 +28,17 @@ def test_ship_takes_its_card_and_defaults_from_the_destination(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # no temporary or old folder left
 
 
-def test_think_default_ships_the_better_mode_and_keeps_the_cheaper_one_on_a_tie(tmp_path, monkeypatch):
+def test_think_default_ships_the_best_mode_and_the_cheapest_on_a_tie(tmp_path, monkeypatch):
     defaults = {"cfg": 3.0, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": True}
     (tmp_path / "d.json").write_text(json.dumps(defaults))
     args = [str(SHIPPED_MODEL), "--defaults", str(tmp_path / "d.json"), "--prompts", "2",
             "--out", str(tmp_path / "choice.json"), "--write", str(tmp_path / "w.json")]
     assert think_default.main(args) == 0
     choice = json.loads((tmp_path / "choice.json").read_text())
-    for mode in ("think", "no_think"):
-        assert 0 <= choice[mode]["reward"] <= 1 and choice[mode]["passed"] in (0, 0.5, 1)
-    assert choice["think_default"] == (choice["think"]["reward"] > choice["no_think"]["reward"])
-    assert json.loads((tmp_path / "w.json").read_text()) == {**defaults, "think": choice["think_default"]}
+    rewards = {m: r["reward"] for m, r in choice["modes"].items()}
+    assert set(rewards) == set(think_default.MODES) and all(0 <= r <= 1 for r in rewards.values())
+    assert rewards[choice["chosen"]] == max(rewards.values())
+    assert json.loads((tmp_path / "w.json").read_text()) == {**defaults, **think_default.MODES[choice["chosen"]]}
     monkeypatch.setattr(think_default, "shapes_reward", lambda images, prompts, sources: [0.5] * len(images))
     assert think_default.main(args) == 0
     assert json.loads((tmp_path / "w.json").read_text())["think"] is False

@@ -4,11 +4,12 @@
 draws `--prompts` samples of the shapes world exactly as training draws them
 (`make_sample`, half captions and half edits, seeded by `--seed`: a stream of the
 training distribution, never the benchmark's prompt sets), makes one image per
-prompt at the generation defaults `D.json` without and with `think`, and scores
-each with the GRPO reward (`rewards.shapes_reward`: the fraction of a caption's
-checks that hold, or the edit checker's pass). The mode with the higher mean
-reward wins; a tie keeps the cheaper one (no thinking). CHOICE.json records the
-numbers; W.json is D.json with `think` set to the winner, the file to ship.
+prompt at the generation defaults `D.json` in each mode of `MODES` (no thinking;
+thoughts sampled at temperature 1; greedy thoughts), and scores each image with
+the GRPO reward (`rewards.shapes_reward`: the fraction of a caption's checks that
+hold, or the edit checker's pass). The mode with the highest mean reward wins; a
+tie goes to the earlier mode (no thinking is the cheapest). CHOICE.json records
+the numbers; W.json is D.json with the winner's settings, the file to ship.
 """
 
 from __future__ import annotations
@@ -25,17 +26,24 @@ from ..shapes.dataset import ShapesConfig, make_sample
 from ..shapes.renderer import render_image
 from .rewards import shapes_reward
 
+# The candidates, cheapest first: each is a set of generation settings over the defaults.
+MODES: dict[str, dict[str, Any]] = {
+    "no_think": {"think": False},
+    "think": {"think": True, "text_temperature": 1.0},
+    "think_greedy": {"think": True, "text_temperature": 0.0},
+}
+
 
 def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_prob: float) -> dict[str, Any]:
-    """Mean reward (and pass rate) without and with thinking, on `prompts` world samples."""
+    """Mean reward, pass rate and time per image of every mode on `prompts` world samples, and the winner."""
     captions = ShapesConfig(size=size, seed=seed, dark_prob=dark_prob)
     edits = ShapesConfig(size=size, seed=seed, edits=True, dark_prob=dark_prob)
     t2i = [make_sample(captions, i).caption for i in range(prompts - prompts // 2)]
     cases = [make_sample(edits, i) for i in range(prompts // 2)]
     sources = [render_image(c.source) for c in cases]
-    result: dict[str, Any] = {"prompts": prompts, "seed": seed}
-    for think in (False, True):
-        s = pipe.settings.with_overrides(think=think)
+    result: dict[str, Any] = {"prompts": prompts, "seed": seed, "modes": {}}
+    for name, overrides in MODES.items():
+        s = pipe.settings.with_overrides(**overrides)
         t0 = time.perf_counter()
         images = [g[0] for g in pipe.generate(t2i, s, seeds=list(range(len(t2i))))]
         images += [g[0] for g in pipe.generate([c.instruction for c in cases], s,
@@ -43,13 +51,15 @@ def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_pro
         seconds = time.perf_counter() - t0
         scores = shapes_reward(images, t2i + [c.instruction for c in cases], [None] * len(t2i) + sources)
         half = len(t2i)
-        result["think" if think else "no_think"] = {
+        result["modes"][name] = {
+            "settings": overrides,
             "reward": sum(scores) / len(scores),
             "reward_t2i": sum(scores[:half]) / max(half, 1),
             "reward_edits": sum(scores[half:]) / max(len(cases), 1),
             "passed": sum(x == 1.0 for x in scores) / len(scores),
             "seconds_per_image": seconds / len(scores)}
-    result["think_default"] = result["think"]["reward"] > result["no_think"]["reward"]
+    modes = result["modes"]
+    result["chosen"] = max(modes, key=lambda m: (modes[m]["reward"], -list(MODES).index(m)))
     return result
 
 
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("export", type=Path, help="a finished run's export folder")
     p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json the model will ship with")
     p.add_argument("--out", type=Path, required=True, help="where the measurements go (JSON)")
-    p.add_argument("--write", type=Path, required=True, help="the defaults with the chosen `think` (JSON)")
+    p.add_argument("--write", type=Path, required=True, help="the defaults with the chosen mode's settings (JSON)")
     p.add_argument("--prompts", type=int, default=128, help="world samples, half captions, half edits")
     p.add_argument("--seed", type=int, default=1000, help="the world stream's seed")
     p.add_argument("--dark-prob", type=float, default=0.3, help="share of dark scenes, as in training")
@@ -69,14 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = NextStepPipeline.from_pretrained(args.export, dtype=defaults.get("cpu_dtype"), device="cpu")
     pipe.settings = pipe.settings.with_overrides(**{k: v for k, v in defaults.items() if k != "cpu_dtype"})
     result = measure(pipe, args.prompts, args.seed, pipe.settings.hw[0], args.dark_prob)
-    chosen = {**defaults, "think": result["think_default"]}
+    chosen = {**defaults, **MODES[result["chosen"]]}
     for path, data in ((args.out, result), (args.write, chosen)):
         atomic_write(path, lambda tmp, d=data: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
-    for mode in ("no_think", "think"):
-        r = result[mode]
-        print(f"{mode:>8}: reward {r['reward']:.3f} (captions {r['reward_t2i']:.3f}, edits {r['reward_edits']:.3f}), "
+    for name, r in result["modes"].items():
+        print(f"{name:>12}: reward {r['reward']:.3f} (captions {r['reward_t2i']:.3f}, edits {r['reward_edits']:.3f}), "
               f"passed {r['passed']:.3f}, {r['seconds_per_image']:.3f} s per image")
-    print(f"think by default: {result['think_default']}")
+    print(f"chosen: {result['chosen']} {MODES[result['chosen']]}")
     return 0
 
 
