@@ -126,7 +126,7 @@ class NextStepPipeline(TextWriter):
         with `strict_config=True`. An optional `generation_defaults.json` in the
         folder sets the model's generation defaults, and may ask for "bf16-mixed" on CPUs
         (`cpu_dtype`; `dtype` overrides it). `quantize` ("int8", "int4", "fp8") stores the decoder
-        layers' linear weights quantized through torchao (nextstep/quantize.py). `compile` runs the
+        layers' linear weights quantized (nextstep/quantize.py; torchao on GPUs). `compile` runs the
         decode step and the flow head compiled (CUDA graphs on a GPU); None: the device's default."""
         if model_dir is None:
             if not SHIPPED_MODEL.is_dir():

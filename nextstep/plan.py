@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import NextStepConfig
-from .quantize import INT4_GROUP_SIZE, MODES, QUANTIZED_LINEARS, layer_of
+from .quantize import INT4_GROUP_SIZE, MODES, part_of
 from .vae.config import VAEConfig
 
 GIB = 2**30
@@ -47,8 +47,10 @@ PROMPT_TOKENS = 128  # prompt row length assumed (the official example's rows ar
 # torchao's int4 "tile_packed_to_4d" layout pads input features to a multiple of 1024 and output
 # features to a multiple of 8, and stores a bfloat16 (scale, zero) pair per group and output.
 INT4_PAD_IN, INT4_PAD_OUT = 1024, 8
-# Bytes per output row of the other modes: int8 a float32 scale and an int8 zero point, fp8 a float32 scale.
+# Bytes per output row of the other modes: int8 a float32 scale and (torchao's, on CUDA) an int8 zero
+# point, fp8 a float32 scale.
 ROW_BYTES = {"int8": 4 + 1, "fp8": 4}
+CPU_INT8_ROW_BYTES = 4  # nextstep.quantize.int8_rows: the scale alone
 # Measured (CPU, int8): quantizing a weight briefly holds two float32 copies of it.
 QUANTIZE_TRANSIENT_BYTES = 2 * 4
 PARTS = ("decoder_linears", "decoder_other", "embed_tokens", "lm_head", "image_projectors", "flow_head", "other")
@@ -75,21 +77,11 @@ def preset(name: str) -> NextStepConfig | None:
 
 
 # ---------------------------------------------------------------------- weights
-def part_of(name: str) -> str:
-    """Which part a parameter or buffer name belongs to (the parts of nextstep.quantize.weight_bytes)."""
-    if layer_of(name) is not None:
-        module = name.split(".", 2)[2].rpartition(".")[0]
-        return "decoder_linears" if module in QUANTIZED_LINEARS and name.endswith(".weight") else "decoder_other"
-    for prefix, part in (("embed_tokens.", "embed_tokens"), ("lm_head.", "lm_head"),
-                         ("image_in_projector.", "image_projectors"), ("image_out_projector.", "image_projectors"),
-                         ("image_head.", "flow_head")):
-        if name.startswith(prefix):
-            return part
-    return "other"
-
-
-def quantized_bytes(out_features: int, in_features: int, mode: str) -> int:
-    """Bytes of one (out, in) linear weight quantized with `mode` by torchao, scales and zero points included."""
+def quantized_bytes(out_features: int, in_features: int, mode: str, device_type: str = "cuda") -> int:
+    """Bytes of one (out, in) linear weight quantized with `mode` on a device of `device_type` (by
+    torchao, or on the CPU by nextstep.quantize.int8_rows), scales and zero points included."""
+    if mode == "int8" and device_type == "cpu":
+        return out_features * (in_features + CPU_INT8_ROW_BYTES)
     if mode == "int4":
         rows = math.ceil(out_features / INT4_PAD_OUT) * INT4_PAD_OUT
         cols = math.ceil(in_features / INT4_PAD_IN) * INT4_PAD_IN
@@ -97,17 +89,19 @@ def quantized_bytes(out_features: int, in_features: int, mode: str) -> int:
     return out_features * in_features + out_features * ROW_BYTES[mode]
 
 
-def parameter_bytes(model: nn.Module, dtype: torch.dtype, quantize: str | None = None) -> dict[str, int]:
+def parameter_bytes(model: nn.Module, dtype: torch.dtype, quantize: str | None = None,
+                    device_type: str = "cuda") -> dict[str, int]:
     """Bytes per part of a NextStep (meta-device or real, unquantized) once loaded in `dtype` and,
-    with `quantize`, with its decoder linears quantized; "total" sums them. Floating tensors take
-    `dtype`, others keep theirs; a tied LM head counts once (under embed_tokens)."""
+    with `quantize`, with its decoder linears quantized on a `device_type` device; "total" sums
+    them. Floating tensors take `dtype`, others keep theirs; a tied LM head counts once (under
+    embed_tokens)."""
     if quantize is not None and quantize not in MODES:
         raise ValueError(f"unknown quantization mode {quantize!r}; use one of {list(MODES)}")
     parts = dict.fromkeys(PARTS, 0)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # both skip shared tensors
         part = part_of(name)
         if part == "decoder_linears" and quantize is not None:
-            parts[part] += quantized_bytes(t.shape[0], t.shape[1], quantize)
+            parts[part] += quantized_bytes(t.shape[0], t.shape[1], quantize, device_type)
         else:
             parts[part] += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
     parts["total"] = sum(parts.values())

@@ -7,12 +7,15 @@ holds more than the quantized model plus one weight matrix in the load dtype
 
 Modes (weight-only: activations and matmul outputs keep the load dtype):
 
-- "int8": int8 weights with one float32 scale per output row
-  (`Int8WeightOnlyConfig`). Runs wherever torch runs: CPU and CUDA, float32,
-  bfloat16 and "bf16-mixed" (float32 weights, bf16 matmuls under autocast).
-  On the CPU the matmuls go through PyTorch's fused int8-weight kernel
-  (`torch._weight_int8pack_mm`) rather than torchao's, which makes a
-  full-precision copy of each weight on every call.
+- "int8": int8 weights with one float32 scale per output row, symmetric
+  (`Int8WeightOnlyConfig` on CUDA). Runs wherever torch runs: CPU and CUDA,
+  float32, bfloat16 and "bf16-mixed" (float32 weights, bf16 matmuls under
+  autocast). The CPU needs no torchao: PyTorch has the fused int8-weight matmul
+  (`torch._weight_int8pack_mm`), so the weights are rounded here (`int8_rows`)
+  and the linear calls that kernel. torchao's own CPU path makes a
+  full-precision copy of each weight on every call, and importing torchao
+  loads `torch._dynamo` (+85 MiB resident), a sixth of what int8 saves on a
+  1B model.
 - "int4": 4-bit weights in groups of `INT4_GROUP_SIZE` along the input, with a
   bfloat16 scale and zero point per group (`Int4WeightOnlyConfig`, the
   "tile_packed_to_4d" layout of PyTorch's tinygemm kernel). That kernel is
@@ -150,10 +153,12 @@ def is_quantized_weight(key: str) -> bool:
 
 def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype) -> Callable[[nn.Linear], None]:
     """A function that quantizes one linear layer's weight in place with `mode`; checks the mode
-    and imports torchao now, so a bad choice fails before any weight is read."""
+    and imports torchao now (where the mode needs it), so a bad choice fails before any weight is read."""
     check_mode(mode, device, dtype)
-    config = _config(mode)
-    quantize_ = _torchao(mode).quantize_
+    cpu_int8 = mode == "int8" and device.type == "cpu"
+    if not cpu_int8:
+        config = _config(mode)
+        quantize_ = _torchao(mode).quantize_
     # On the CPU, glibc keeps freed full-precision weights in its heaps, between the quantized
     # weights allocated since, so the process would grow towards the unquantized model's size:
     # hand the free pages back after every weight (1B model: load peak 2.1 -> 1.6 GB).
@@ -164,24 +169,44 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype) -> Cal
             # torchao would silently leave such a layer in bf16; say so instead.
             raise QuantizationError(f"quantize='int4' needs input sizes divisible by {INT4_GROUP_SIZE}; "
                                     f"a linear layer has {linear.in_features}")
-        with torch.no_grad():
-            quantize_(linear, config, filter_fn=None)
-        if mode == "int8" and device.type == "cpu":
+        if cpu_int8:
+            q, scale = int8_rows(linear.weight.detach())
+            linear.weight = nn.Parameter(q, requires_grad=False)
+            linear.register_buffer(INT8_SCALE, scale)
             linear.forward = partial(_int8_cpu_linear, linear)
+        else:
+            with torch.no_grad():
+                quantize_(linear, config, filter_fn=None)
         release()
 
     return quantize_linear
 
 
+INT8_SCALE = "weight_scale"  # the buffer beside a CPU int8 linear's weight: float32, one per output row
+INT8_CHUNK_ROWS = 256  # rows rounded at a time, so rounding a weight holds only a slice of it in float32
+
+
+def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 of a (out, in) weight: q = round(w / s) with s = max|row| / 127, so
+    q * s[:, None] approximates w (what torchao's int8 weight-only config stores, without its
+    all-zero zero points). Returns (q int8, s float32)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], INT8_CHUNK_ROWS):
+        w = weight[start:start + INT8_CHUNK_ROWS].float()
+        s = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q[start:start + INT8_CHUNK_ROWS] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[start:start + INT8_CHUNK_ROWS] = s
+    return q, scale
+
+
 def _int8_cpu_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """An int8 linear on the CPU through PyTorch's fused int8-weight matmul: torchao's own path
-    converts the whole int8 matrix to the activation dtype on every call, a full-size temporary
-    per layer and token step that also leaves glibc's heaps larger (1B model: peak RSS -150 MB)."""
+    """An int8 linear on the CPU through PyTorch's fused int8-weight matmul, which reads the int8
+    matrix as it multiplies: no full-precision copy of the weight per call."""
     if torch.is_autocast_enabled("cpu"):  # "bf16-mixed": the matmul runs in the autocast dtype, as F.linear's would
         x = x.to(torch.get_autocast_dtype("cpu"))
-    weight = linear.weight
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.flatten().to(x.dtype))
+    y = torch._weight_int8pack_mm(rows, linear.weight, getattr(linear, INT8_SCALE).to(x.dtype))
     if linear.bias is not None:
         y = y + linear.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -207,14 +232,16 @@ def tensor_bytes(t: Tensor) -> int:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any parameter of `model` is a quantized (tensor-subclass) weight."""
-    return any(hasattr(type(p), "__tensor_flatten__") for p in model.parameters())
+    """Whether any parameter of `model` is a quantized weight (a torchao tensor subclass, or int8)."""
+    return any(hasattr(type(p), "__tensor_flatten__") or p.dtype == torch.int8 for p in model.parameters())
 
 
-def _part(name: str) -> str:
+def part_of(name: str) -> str:
+    """Which part of a NextStep a parameter or buffer name belongs to (the parts of `weight_bytes`)."""
     if layer_of(name) is not None:
-        linear = name.split(".", 2)[2].rpartition(".")[0]
-        return "decoder_linears" if linear in QUANTIZED_LINEARS and name.endswith(".weight") else "decoder_other"
+        linear, _, tensor = name.split(".", 2)[2].rpartition(".")
+        quantizable = linear in QUANTIZED_LINEARS and tensor in ("weight", INT8_SCALE)
+        return "decoder_linears" if quantizable else "decoder_other"
     for prefix, part in (("embed_tokens.", "embed_tokens"), ("lm_head.", "lm_head"),
                          ("image_in_projector.", "image_projectors"), ("image_out_projector.", "image_projectors"),
                          ("image_head.", "flow_head")):
@@ -231,6 +258,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     parts = dict.fromkeys(("decoder_linears", "decoder_other", "embed_tokens", "lm_head", "image_projectors",
                            "flow_head", "other"), 0)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # both skip shared tensors
-        parts[_part(name)] += tensor_bytes(t)
+        parts[part_of(name)] += tensor_bytes(t)
     parts["total"] = sum(parts.values())
     return parts

@@ -39,24 +39,25 @@ def test_weights_match_a_loaded_model(fixture: Path, dtype: torch.dtype) -> None
 @FIXTURES
 @DTYPES
 def test_int8_weights_match_a_really_quantized_model(fixture: Path, dtype: torch.dtype) -> None:
-    pytest.importorskip("torchao")
     model = load_model(fixture / "model", CPU, dtype)
-    quantize_model(model, "int8")
+    quantize_model(model, "int8")  # the CPU's own int8 (no torchao): a float32 scale per row
     measured = weight_bytes(model)
-    planned = parameter_bytes(on_meta(fixture), dtype, "int8")
+    planned = parameter_bytes(on_meta(fixture), dtype, "int8", device_type="cpu")
     assert planned == measured
     assert planned["decoder_linears"] < parameter_bytes(on_meta(fixture), dtype)["decoder_linears"] / 1.5
 
 
 @DTYPES
-def test_fp8_weights_match_torchao(dtype: torch.dtype) -> None:
-    """fp8 runs only on fp8 GPUs, but torchao stores it on any device: quantize with it directly."""
+@pytest.mark.parametrize("mode, config", [("int8", "Int8WeightOnlyConfig"), ("fp8", "Float8WeightOnlyConfig")])
+def test_gpu_weights_match_torchao(dtype: torch.dtype, mode: str, config: str) -> None:
+    """On a GPU torchao stores int8 and fp8 (fp8 only on fp8 GPUs); its layouts are the same on any
+    device, so quantize with it directly here and compare with the plan for CUDA."""
     q = pytest.importorskip("torchao.quantization")
     model = load_model(REF10 / "model", CPU, dtype)
     for layer in model.layers:
         for name in QUANTIZED_LINEARS:
-            q.quantize_(layer.get_submodule(name), q.Float8WeightOnlyConfig(set_inductor_config=False))
-    assert parameter_bytes(on_meta(REF10), dtype, "fp8") == weight_bytes(model)
+            q.quantize_(layer.get_submodule(name), getattr(q, config)(set_inductor_config=False))
+    assert parameter_bytes(on_meta(REF10), dtype, mode) == weight_bytes(model)
 
 
 def test_kv_cache_matches_a_real_cache() -> None:

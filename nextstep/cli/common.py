@@ -69,8 +69,8 @@ def add_compile_arg(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
-                   help="store the decoder's linear weights quantized (torchao, pip install 'nextstep[quant]'): "
-                        "int8 anywhere, int4 on CUDA with bfloat16, fp8 on GPUs with compute capability >= 8.9 "
+                   help="store the decoder's linear weights quantized (on GPUs through torchao, pip install "
+                        "'nextstep[quant]'): int8 anywhere (on the CPU without torchao), int4 on CUDA with bfloat16, fp8 on GPUs with compute capability >= 8.9 "
                         "(default: none)")
 
 

@@ -141,7 +141,7 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, *,
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    # Checked (and torchao imported) before any weight is read.
+    # Checked (and torchao imported, where the mode needs it) before any weight is read.
     quantize_linear = None if quantize is None else linear_quantizer(quantize, device, dtype)
     config = NextStepConfig.from_pretrained(folder, strict=strict_config)
     with torch.device("meta"):
