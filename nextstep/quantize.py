@@ -1,4 +1,5 @@
-"""Weight-only quantization of the decoder through torchao (`pip install 'nextstep[quant]'`).
+"""Weight-only quantization of the decoder: torchao on GPUs (`pip install 'nextstep[quant]'`),
+int8 on the CPU without it.
 
 `load_model(..., quantize=MODE)` quantizes each linear weight of the decoder as
 soon as it has been read, before the next tensor is read, so loading never
