@@ -19,8 +19,8 @@ from nextstep import NextStepPipeline
 from nextstep.cli import main
 from nextstep.errors import CheckpointError
 from nextstep.io import checkpoint, load_model, save_model
-from nextstep.quantize import (QUANTIZED_LINEARS, QuantizationError, check_mode, is_quantized, linear_quantizer,
-                               quantize_model, weight_bytes)
+from nextstep.quantize import (QUANTIZED_LINEARS, QuantizationError, check_mode, int8_rows, is_quantized,
+                               linear_quantizer, quantize_model, weight_bytes)
 
 CPU = torch.device("cpu")
 MIN_PSNR_DB = 30.0  # issue 24: int8 images against float32 on the parity fixtures
@@ -157,6 +157,21 @@ def test_int8_cpu_linears_multiply_by_the_dequantized_weights(dtype: torch.dtype
     assert y.shape == (2, 5, 48) and y.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(y.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_int8_rows_round_each_row_to_its_own_scale() -> None:
+    """Symmetric per row: the largest |weight| of a row maps to 127, every weight is within half a
+    step of its rounded value, and the rows are rounded alike whatever chunk they fall in."""
+    w = torch.randn(600, 40, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 600)[:, None]
+    w[7] = 0  # an all-zero row stays zero (its scale is tiny, not 0)
+    q, scale = int8_rows(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (600,)
+    nonzero = torch.arange(600) != 7
+    assert torch.equal(q[nonzero].abs().amax(dim=1), torch.full((599,), 127, dtype=torch.int8))
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+    assert not q[7].any() and scale[7] > 0
+    q2, scale2 = int8_rows(w[300:])  # rows 300.. fall in other chunks here than above
+    assert torch.equal(q2, q[300:]) and torch.equal(scale2, scale[300:])
 
 
 # ---------------------------------------------------------------------- where it is refused
