@@ -7,7 +7,8 @@ recipe="$(dirname "$0")"
 cd "$recipe/../.."
 recipe="${recipe#"$PWD"/}"
 mkdir -p runs/shapes
-cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores$(grep -q amx_bf16 /proc/cpuinfo && echo ', native bf16')"
+bf16=$(python -c 'from nextstep.devices import cpu_has_native_bf16 as f; print(", native bf16" if f() else "")')
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores$bf16"
 timed() {  # timed NAME COMMAND...: run a stage and record its wall minutes
     local t0=$SECONDS
     "${@:2}"
