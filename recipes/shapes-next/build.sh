@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the shipped shapes-world model from nothing, ship it, then evaluate it as a user gets it.
-#   bash recipes/shapes/build.sh     (from the repository root; resumable: rerun after an interruption)
+# Build the five-stage shapes-world model from nothing, ship it to nextstep/assets/shapes, then evaluate it as a user gets it.
+#   bash recipes/shapes-next/build.sh (from the repository root; resumable: rerun after an interruption)
 # Every stage's wall minutes go to runs/shapes/build-times.tsv, with the CPU they ran on.
 set -euo pipefail
 recipe="$(dirname "$0")"
