@@ -217,8 +217,10 @@ def test_a_toy_reward_is_learned_and_a_kl_weight_moves_less(tiny, tmp_path):
 
     m = metrics(tmp_path / "free")
     before, after = gain("free")
-    # Measured 0.182 -> 0.218 (free) and 0.169 -> 0.163 (KL-weighted) when this was written.
-    assert after > before + 0.02, f"red share {before:.3f} (first 10 steps) -> {after:.3f} (last 10)"
+    # Measured 0.182 -> 0.218 (free) and 0.169 -> 0.163 (KL-weighted) on an Intel CPU; 0.182 -> 0.200
+    # (free) on an AMD one, whose kernels round differently: the margin sits below both gains and
+    # above the KL-weighted run's change.
+    assert after > before + 0.01, f"red share {before:.3f} (first 10 steps) -> {after:.3f} (last 10)"
     kl_before, kl_after = gain("kl")
     assert kl_after - kl_before < after - before
     assert "kl" in metrics(tmp_path / "kl")[0] and "kl" not in m[0]
