@@ -43,6 +43,22 @@ def test_fused_update_equals_the_general_path(pipe, kind, groups):
         assert torch.equal(fused.sample(c, longer, groups, 3.0, 2.0), fused.sample(c, noise, groups, 3.0, 2.0))
 
 
+def test_reused_modulation_views_follow_the_row_layout(pipe):
+    """A prepared sampler keeps its modulation buffer and the per-step views cut from it across
+    tokens. Two calls with the same number of rows but a different layout (2 guidance groups of 1
+    image, then 1 group of 2 images) must each equal a freshly prepared sampler's result."""
+    g = torch.Generator().manual_seed(1)
+    sampler = FlowSampler("euler_maruyama", num_steps=5)
+    net = pipe.model.image_head.net
+    reused = sampler.prepare(net, torch.device("cpu"))
+    with torch.no_grad():
+        for groups, batch in [(2, 1), (1, 2), (2, 1)]:
+            c = torch.randn(groups * batch, 64, generator=g)
+            noise = torch.randn(sampler.noise_draws, batch, 64, generator=g)
+            fresh = sampler.prepare(net, torch.device("cpu")).sample(c, noise, groups, 3.0)
+            assert torch.equal(reused.sample(c, noise, groups, 3.0), fresh), (groups, batch)
+
+
 def test_step_schedules_fall_and_save_head_evaluations():
     """Presets start at the official count, never rise, respect the sampler's minimum, and
     `anneal` needs at least 2.3x fewer flow-head evaluations per 16- or 64-token image."""

@@ -9,6 +9,7 @@ condition vector c. Parameter names match the official checkpoint
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,22 +133,30 @@ class FusedFlowNet:
 
     def velocity(self, x: Tensor, mod: Tensor, groups: int = 1) -> Tensor:
         """Velocity for x (B, D) given one step's modulation (groups * B, ...): (groups * B, D)."""
-        u = self.final_input(x, mod.view(groups, x.shape[0], -1))
+        u = self.final_input(x, mod.view(groups, x.shape[0], -1).split(self.dim, dim=-1))
         return F.linear(u, *self.final).flatten(0, 1)
 
-    def final_input(self, x: Tensor, mod: Tensor) -> Tensor:
+    def step_parts(self, mod: Tensor, groups: int, batch: int) -> list[tuple[Tensor, ...]]:
+        """`modulation`'s result (S, groups * B, ...) cut into every step's (shift, scale, gate) of each
+        block and (shift, scale) of the final layer, views of (groups, B, dim). Cutting is a dozen
+        view ops, as many as the step's arithmetic: views of a buffer reused across tokens are cut
+        once per generation call instead of once per step."""
+        steps = mod.shape[0]
+        return [m.split(self.dim, dim=-1) for m in mod.view(steps, groups, batch, -1).unbind(0)]
+
+    def final_input(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
         """The final layer's modulated input (groups, B, dim) for x (B, D) and one step's modulation
-        (groups, B, ...): the velocity is `F.linear` of it with `self.final`. The guidance groups
-        share x, so the input projection and first layer norm run on B rows and broadcast (no copy);
-        the guided velocity is then one mix of these rows before a single final matmul."""
+        cut into `parts` (see `step_parts`): the velocity is `F.linear` of it with `self.final`. The
+        guidance groups share x, so the input projection and first layer norm run on B rows and
+        broadcast (no copy); the guided velocity is then one mix of these rows before a single final
+        matmul."""
         d = self.dim
-        mod = mod.split(d, dim=-1)
         h = F.linear(x, *self.input_proj)
         for i, (ln_w, ln_b, eps, w1, b1, w2, b2) in enumerate(self.blocks):
-            shift, scale1, gate = mod[3 * i: 3 * i + 3]
+            shift, scale1, gate = parts[3 * i: 3 * i + 3]
             u = torch.addcmul(shift, F.layer_norm(h, (d,), ln_w, ln_b, eps), scale1)
             h = torch.addcmul(h, gate, F.linear(F.silu(F.linear(u, w1, b1)), w2, b2))
-        shift, scale1 = mod[3 * self.depth:]
+        shift, scale1 = parts[3 * self.depth:]
         return torch.addcmul(shift, F.layer_norm(h, (d,), eps=1e-6), scale1)
 
 

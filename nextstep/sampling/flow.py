@@ -161,6 +161,7 @@ class PreparedSampler:
         self.t_emb = net.net.time_embed(eval_times.to(device))  # (S, dim)
         self.coefs = sampler.step_coefficients()
         self.mod: Tensor | None = None  # the adaLN parameters of the current token (see sample)
+        self.mod_parts: list[tuple[Tensor, ...]] = []  # views of self.mod: each step's parts
         weight, bias = net.final
         # Plain float32 (no autocast, fp32 weights): each step's final matmul, guidance, bias and
         # noise become one addmm and one add (see sample). Otherwise the general path below.
@@ -184,11 +185,13 @@ class PreparedSampler:
         if self.compiled is not None:  # the whole integration as one graph (static shapes per steps)
             # A CUDA graph's output is overwritten by its next replay: the caller keeps a copy.
             return self.compiled(c, noise[: self.sampler.noise_draws], mix, groups).clone()
-        # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens.
+        # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens,
+        # with its per-step views cut once.
         shape = (self.t_emb.shape[0], c.shape[0], self.net.mod_weight.shape[0])
-        if self.mod is None or self.mod.shape != shape:
+        if self.mod is None or self.mod.shape != shape or len(self.mod_parts[0][0]) != groups:
             self.mod = torch.empty(shape, dtype=self.net.mod_weight.dtype, device=c.device)
-        return self.integrate(c, noise, mix, groups, self.mod)
+            self.mod_parts = self.net.step_parts(self.mod, groups, c.shape[0] // groups)
+        return self.integrate(c, noise, mix, groups, self.mod, self.mod_parts)
 
     def static_tensors(self) -> list[Tensor]:
         """Every tensor the integration reads that is not an argument (for CUDA graphs' static inputs)."""
@@ -203,18 +206,20 @@ class PreparedSampler:
         """Run `integrate` through `torch.compile(**options)` from now on (see sampling/compiled.py)."""
         self.compiled = torch.compile(self.integrate, **options)
 
-    def integrate(self, c: Tensor, noise: Tensor, mix: Tensor | None, groups: int, buffer: Tensor | None = None
-                  ) -> Tensor:
-        """`sample` after its guidance weights: a function of tensors only, so it compiles as one graph."""
-        steps = self.t_emb.shape[0]
+    def integrate(self, c: Tensor, noise: Tensor, mix: Tensor | None, groups: int, buffer: Tensor | None = None,
+                  parts: list[tuple[Tensor, ...]] | None = None) -> Tensor:
+        """`sample` after its guidance weights: a function of tensors only, so it compiles as one graph.
+        `parts`, if given, are `buffer`'s views cut by `step_parts`."""
+        mod = self.net.modulation(self.t_emb, c, out=buffer)
+        if parts is None:
+            parts = self.net.step_parts(mod, groups, noise.shape[1])
         batch = noise.shape[1]
-        mod = self.net.modulation(self.t_emb, c, out=buffer).view(steps, groups, batch, -1)
         dtype = c.dtype
 
         def guided_input(x: Tensor, step: int) -> Tensor:
             # Guidance is linear in the rows with weights summing to 1, so it commutes with the
             # final (affine) layer: mix the rows first, then one matmul on B rows instead of G*B.
-            return mix_rows(self.net.final_input(x.to(dtype), mod[step]), mix)
+            return mix_rows(self.net.final_input(x.to(dtype), parts[step]), mix)
 
         # The state is integrated in float32 whatever the model's dtype (a no-op for fp32 models),
         # so bf16 rounding does not accumulate over the steps.
