@@ -137,17 +137,20 @@ def measure(pipe: NextStepPipeline, batch: int, hw: tuple[int, int], runs: int, 
     return results
 
 
-def outside_kernels_share(pipe: NextStepPipeline, sampler: str) -> float:
-    """Share of a profiled batch-1 call's wall time spent outside the matmul/attention kernels."""
+def outside_kernels_share(pipe: NextStepPipeline, sampler: str, wall: float) -> tuple[float, float]:
+    """Share of a batch-1 call's time spent outside the matmul/attention kernels, two ways: against a
+    profiled call's own wall time (the profiler's cost per operation then counts as outside: an upper
+    bound), and against `wall`, the same call's unprofiled time (the kernels' profiled self time, itself
+    a little inflated, so close to the true share)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         pipe.generate_image(CAPTION, negative_prompt=NEGATIVE, hw=(128, 128), cfg=3.0, num_sampling_steps=20,
                             use_norm=True, seed=42, progress=False, sde_type=sampler)
-        wall = time.perf_counter() - t0
+        profiled = time.perf_counter() - t0
     kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6
-    return 1 - kernels / wall
+    return 1 - kernels / profiled, max(0.0, 1 - kernels / wall)
 
 
 def median_run(results: list[dict]) -> dict:
@@ -296,9 +299,9 @@ def run(args: argparse.Namespace, pipe: NextStepPipeline) -> None:
         r = breakdowns[1]
         share = (r["total"] - r.get("decoder", 0.0) - r.get("flow head", 0.0) - r.get("vae decode", 0.0)) / r["total"]
         print(f"elsewhere at batch 1: {100 * share:.1f}% (target < 15%: {'met' if share < 0.15 else 'NOT met'})")
-        outside = outside_kernels_share(pipe, args.sampler)
-        print(f"outside matmul/attention kernels at batch 1 (one profiled call; the profiler's own cost counts "
-              f"as outside): {100 * outside:.1f}% (goal < 30%)")
+        upper, outside = outside_kernels_share(pipe, args.sampler, statistics.median(x["total"] for x in measured[1]))
+        print(f"outside matmul/attention kernels at batch 1: {100 * outside:.1f}% of the unprofiled median call "
+              f"(goal < 30%); {100 * upper:.1f}% of a profiled call, whose profiler cost counts as outside")
     print("warm-up (first call) s: " + ", ".join(f"batch {b}: {s:.2f}" for b, s in WARM_UP.items())
           + ("  (includes compiling)" if args.compile else ""))
 

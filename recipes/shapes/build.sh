@@ -7,7 +7,7 @@ start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
-for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order (17, DPO or GRPO, is not shipped)
+for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order (17, DPO, GRPO or plans, is not shipped)
     [ -e "$(grep -m1 '^out_dir' "$stage" | cut -d'"' -f2)/DONE" ] || nextstep train "$stage" --resume
 done
 # ship stage 16 (on the dark-trained VAE, which its export carries), keeping the model card that
