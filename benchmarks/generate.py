@@ -8,7 +8,7 @@ the time goes (decoder / flow head / VAE decode / elsewhere), and the per-token
 cost at 256 vs 64 image tokens.
 
     python benchmarks/generate.py [--threads 2] [--runs 5] [--sampler ode] [--dtype bfloat16]
-                                  [--busy] [--compile] [--step-schedule anneal]
+                                  [--busy] [--compile] [--step-schedule fast]
 
 `--busy` keeps one core busy with another process during the measurement (a shared machine);
 `--compile` runs the token loop compiled (Inductor on the CPU; its warm-up is reported apart).

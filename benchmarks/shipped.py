@@ -1,6 +1,6 @@
 """Speed of the shipped shapes model: seconds per 64x64 image at batch 1 and 64, and a cold first image.
 
-    python benchmarks/shipped.py [--model DIR] [--runs 3] [--threads 2] [--compile] [--step-schedule anneal]
+    python benchmarks/shipped.py [--model DIR] [--runs 3] [--threads 2] [--compile] [--step-schedule fast]
 
 Uses the model's own generation defaults (CFG, steps, sampler). The cold
 start runs `nextstep generate` in a fresh process and times process start to

@@ -55,7 +55,7 @@ class GenerationSettings:
     cfg_schedule: str = "constant"  # or "linear" (each family ramps its own way)
     num_sampling_steps: int = 28  # flow steps per image token
     timesteps_shift: float = 1.0  # > 1 spends more of the steps near the noise
-    # Flow steps per token: "fixed" (the official), or a preset that falls over the tokens
+    # Flow steps per token: "fixed" (the official), or a preset of fewer
     # (nextstep/sampling/flow.py STEP_SCHEDULE_PRESETS; fewer head evaluations per image)
     step_schedule: str = "fixed"
     sampler: str | None = None  # None: the checkpoint family's own (NextStep-1 euler_maruyama, 1.1 sde)

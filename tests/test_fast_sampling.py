@@ -59,35 +59,36 @@ def test_reused_modulation_views_follow_the_row_layout(pipe):
             assert torch.equal(reused.sample(c, noise, groups, 3.0), fresh), (groups, batch)
 
 
-def test_step_schedules_fall_and_save_head_evaluations():
-    """Presets start at the official count, never rise, respect the sampler's minimum, and
-    `anneal` needs at least 2.3x fewer flow-head evaluations per 16- or 64-token image."""
+def test_step_schedule_presets_save_head_evaluations():
+    """Presets never rise over the tokens, respect the sampler's minimum and never exceed the
+    official count; `fast` gives every token 7 of 20 steps (2.8x fewer flow-head evaluations)."""
     assert STEP_SCHEDULES[0] == "fixed" and set(STEP_SCHEDULES[1:]) == set(STEP_SCHEDULE_PRESETS)
     assert FlowSampler(num_steps=20).token_steps(64) == [20] * 64
     for name in STEP_SCHEDULE_PRESETS:
         for kind in ("euler_maruyama", "ode"):
-            steps = FlowSampler(kind, num_steps=20, step_schedule=name).token_steps(64)
-            assert steps[0] == 20 and all(a >= b for a, b in zip(steps, steps[1:])), name
-            assert min(steps) >= FlowSampler(kind).min_steps and steps[-1] < 20
+            for n_steps in (2, 20, 50):
+                steps = FlowSampler(kind, num_steps=n_steps, step_schedule=name).token_steps(64)
+                assert all(a >= b for a, b in zip(steps, steps[1:])), name
+                assert min(steps) >= FlowSampler(kind).min_steps and max(steps) <= n_steps
     for n in (16, 64):
-        annealed = FlowSampler(num_steps=20, step_schedule="anneal").token_steps(n)
-        assert 20 * n / sum(annealed) >= 2.3
+        assert FlowSampler(num_steps=20, step_schedule="fast").token_steps(n) == [7] * n
     with pytest.raises(ValueError, match="unknown step schedule 'slow'"):
         FlowSampler(step_schedule="slow")
 
 
-def test_a_step_schedule_changes_only_the_later_tokens(pipe):
-    """Token 0 keeps the official count, so it is the same token; later tokens use fewer steps,
-    each from the first draws of its noise, and differ."""
-    tokens = {}
-    for schedule in ("fixed", "anneal"):
+def test_a_step_schedule_uses_the_first_draws_of_each_tokens_noise(pipe):
+    """Under a preset every token is drawn with fewer steps from the first of the noise draws the
+    official count makes (so the prompt's random numbers do not depend on the schedule): its
+    request carries the same noise as the fixed one, and its tokens differ."""
+    tokens, noise = {}, {}
+    for schedule in ("fixed", "fast"):
         s = pipe.settings.with_overrides(step_schedule=schedule, num_sampling_steps=10, hw=(64, 64), cfg=3.0)
         request = pipe.prepare("a red fox", None, 1, 7, s)
         assert request.sampler.step_schedule == schedule
+        noise[schedule] = request.noise
         tokens[schedule] = pipe.sample_tokens(request)
-    fixed, annealed = tokens["fixed"], tokens["anneal"]
-    assert torch.equal(fixed[:, 0], annealed[:, 0])
-    assert not torch.allclose(fixed[:, -1], annealed[:, -1])
+    assert torch.equal(noise["fixed"], noise["fast"])
+    assert not torch.allclose(tokens["fixed"], tokens["fast"])
 
 
 def test_step_schedule_is_a_setting_everywhere():

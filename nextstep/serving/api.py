@@ -83,7 +83,7 @@ class GenerationBody(BaseModel):
     positive_prompt: str | None = None
     cfg_schedule: Literal["constant", "linear"] | None = None
     timesteps_shift: float | None = None
-    step_schedule: Literal["fixed", "anneal"] | None = None
+    step_schedule: Literal["fixed", "fast"] | None = None
     sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = None
     noise_level: float | None = None
     use_norm: bool | None = None
@@ -285,7 +285,7 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
         positive_prompt: str | None = Form(None),
         cfg_schedule: Literal["constant", "linear"] | None = Form(None),
         timesteps_shift: float | None = Form(None),
-        step_schedule: Literal["fixed", "anneal"] | None = Form(None),
+        step_schedule: Literal["fixed", "fast"] | None = Form(None),
         sampler: Literal["euler_maruyama", "sde", "cps", "ode"] | None = Form(None),
         noise_level: float | None = Form(None),
         use_norm: bool | None = Form(None),
