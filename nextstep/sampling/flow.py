@@ -36,7 +36,7 @@ SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
 # max(floor, start * (1 - k/n) ** power) * num_steps steps, rounded up, so a count may fall from the
 # first token to the last (training-free step annealing) or stay flat. A preset must not lose more
 # than 0.01 of shapes score (docs/performance.md; shipped model, three full prompt sets): "fast",
-# 7 of 20 steps for every token (2.9x fewer head evaluations), scored 0.669 against 0.669. Not
+# 7 of 20 steps for every token (2.9x fewer head evaluations), scored 0.659 against 0.669. Not
 # offered: 6 of 20 (3.3x fewer, -0.027), and falls from 20 steps (power 2 to a floor of a fifth,
 # 2.3x fewer, -0.030; power 3 to 0.15, 2.9x fewer, -0.099).
 STEP_SCHEDULE_PRESETS = {"fast": (0.35, 0.0, 0.35)}
@@ -161,8 +161,11 @@ class PreparedSampler:
         eval_times = grid if sampler.kind == "euler_maruyama" else grid[:-1]
         self.t_emb = net.net.time_embed(eval_times.to(device))  # (S, dim)
         self.coefs = sampler.step_coefficients()
-        self.mod: Tensor | None = None  # the adaLN parameters of the current token (see sample)
-        self.mod_parts: list[tuple[Tensor, ...]] = []  # views of self.mod: each step's parts
+        # The adaLN parameters of the current token, its per-step views, and the (shape, groups)
+        # they were made for (see sample).
+        self.mod: Tensor | None = None
+        self.mod_parts: list[tuple[Tensor, ...]] = []
+        self.mod_layout: tuple | None = None
         weight, bias = net.final
         # Plain float32 (no autocast, fp32 weights): each step's final matmul, guidance, bias and
         # noise become one addmm and one add (see sample). Otherwise the general path below.
@@ -189,9 +192,10 @@ class PreparedSampler:
         # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens,
         # with its per-step views cut once.
         shape = (self.t_emb.shape[0], c.shape[0], self.net.mod_weight.shape[0])
-        if self.mod is None or self.mod.shape != shape or len(self.mod_parts[0][0]) != groups:
+        if self.mod_layout != (shape, groups):
             self.mod = torch.empty(shape, dtype=self.net.mod_weight.dtype, device=c.device)
             self.mod_parts = self.net.step_parts(self.mod, groups, c.shape[0] // groups)
+            self.mod_layout = (shape, groups)
         return self.integrate(c, noise, mix, groups, self.mod, self.mod_parts)
 
     def static_tensors(self) -> list[Tensor]:
