@@ -61,7 +61,7 @@ def test_reused_modulation_views_follow_the_row_layout(pipe):
 
 def test_step_schedule_presets_save_head_evaluations():
     """Presets never rise over the tokens, respect the sampler's minimum and never exceed the
-    official count; `fast` gives every token 7 of 20 steps (2.8x fewer flow-head evaluations)."""
+    official count; `fast` gives every token 7 of 20 steps (2.9x fewer flow-head evaluations)."""
     assert STEP_SCHEDULES[0] == "fixed" and set(STEP_SCHEDULES[1:]) == set(STEP_SCHEDULE_PRESETS)
     assert FlowSampler(num_steps=20).token_steps(64) == [20] * 64
     for name in STEP_SCHEDULE_PRESETS:

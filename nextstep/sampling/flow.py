@@ -215,11 +215,10 @@ class PreparedSampler:
                   parts: list[tuple[Tensor, ...]] | None = None) -> Tensor:
         """`sample` after its guidance weights: a function of tensors only, so it compiles as one graph.
         `parts`, if given, are `buffer`'s views cut by `step_parts`."""
+        batch, dtype = noise.shape[1], c.dtype
         mod = self.net.modulation(self.t_emb, c, out=buffer)
         if parts is None:
-            parts = self.net.step_parts(mod, groups, noise.shape[1])
-        batch = noise.shape[1]
-        dtype = c.dtype
+            parts = self.net.step_parts(mod, groups, batch)
 
         def guided_input(x: Tensor, step: int) -> Tensor:
             # Guidance is linear in the rows with weights summing to 1, so it commutes with the
