@@ -42,3 +42,20 @@ def test_think_default_ships_the_best_mode_and_the_cheapest_on_a_tie(tmp_path, m
     monkeypatch.setattr(think_default, "shapes_reward", lambda images, prompts, sources: [0.5] * len(images))
     assert think_default.main(args) == 0
     assert json.loads((tmp_path / "w.json").read_text())["think"] is False
+
+
+def test_measure_scores_any_settings_with_pass_rates_per_part(monkeypatch):
+    """`measure` takes candidate settings by name (research/step_schedules.py) and reports the
+    pass rate of captions and of edits apart; a tie goes to the earlier candidate."""
+    from nextstep.pipeline import NextStepPipeline
+
+    pipe = NextStepPipeline.from_pretrained(SHIPPED_MODEL, device="cpu")
+    # Captions pass whole; edits get partial credit only.
+    monkeypatch.setattr(think_default, "shapes_reward",
+                        lambda images, prompts, sources: [1.0 if s is None else 0.25 for s in sources])
+    modes = {"ode-2": {"sampler": "ode", "num_sampling_steps": 2}, "ode-1": {"sampler": "ode", "num_sampling_steps": 1}}
+    result = think_default.measure(pipe, 4, 1000, 64, 0.3, modes=modes)
+    assert list(result["modes"]) == ["ode-2", "ode-1"] and result["chosen"] == "ode-2"
+    for r in result["modes"].values():
+        assert (r["passed_t2i"], r["passed_edits"], r["reward_t2i"], r["reward_edits"]) == (1.0, 0.0, 1.0, 0.25)
+        assert r["passed"] == 0.5 and r["reward"] == 0.625

@@ -34,15 +34,17 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_prob: float) -> dict[str, Any]:
-    """Mean reward, pass rate and time per image of every mode on `prompts` world samples, and the winner."""
+def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_prob: float,
+            modes: dict[str, dict[str, Any]] = MODES) -> dict[str, Any]:
+    """Mean reward, pass rate and time per image of every mode (name -> settings over the pipeline's)
+    on `prompts` world samples, and the winner (the highest reward; a tie goes to the earlier mode)."""
     captions = ShapesConfig(size=size, seed=seed, dark_prob=dark_prob)
     edits = ShapesConfig(size=size, seed=seed, edits=True, dark_prob=dark_prob)
     t2i = [make_sample(captions, i).caption for i in range(prompts - prompts // 2)]
     cases = [make_sample(edits, i) for i in range(prompts // 2)]
     sources = [render_image(c.source) for c in cases]
     result: dict[str, Any] = {"prompts": prompts, "seed": seed, "modes": {}}
-    for name, overrides in MODES.items():
+    for name, overrides in modes.items():
         s = pipe.settings.with_overrides(**overrides)
         t0 = time.perf_counter()
         images = [g[0] for g in pipe.generate(t2i, s, seeds=list(range(len(t2i))))]
@@ -57,9 +59,11 @@ def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_pro
             "reward_t2i": sum(scores[:half]) / max(half, 1),
             "reward_edits": sum(scores[half:]) / max(len(cases), 1),
             "passed": sum(x == 1.0 for x in scores) / len(scores),
+            "passed_t2i": sum(x == 1.0 for x in scores[:half]) / max(half, 1),
+            "passed_edits": sum(x == 1.0 for x in scores[half:]) / max(len(cases), 1),
             "seconds_per_image": seconds / len(scores)}
-    modes = result["modes"]
-    result["chosen"] = max(modes, key=lambda m: (modes[m]["reward"], -list(MODES).index(m)))
+    scored = result["modes"]
+    result["chosen"] = max(scored, key=lambda m: (scored[m]["reward"], -list(modes).index(m)))
     return result
 
 
