@@ -118,5 +118,6 @@ def main() -> None:
     rate, again = run(thinking, batch_images=1)  # one request per call: merging assumes one source block per row
     print(f"thought, source again, target: {rate:.3f} (same thoughts: {again == thoughts})", flush=True)
 
+
 if __name__ == "__main__":
     main()
