@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nextstep.pipeline import SHIPPED_MODEL
+from nextstep.pipeline import SHIPPED_MODEL, NextStepPipeline
 from nextstep.training import think_default
 from nextstep.training.ship import main as ship_main
 
@@ -47,8 +47,6 @@ def test_think_default_ships_the_best_mode_and_the_cheapest_on_a_tie(tmp_path, m
 def test_measure_scores_any_settings_with_pass_rates_per_part(monkeypatch):
     """`measure` takes candidate settings by name (research/step_schedules.py) and reports the
     pass rate of captions and of edits apart; a tie goes to the earlier candidate."""
-    from nextstep.pipeline import NextStepPipeline
-
     pipe = NextStepPipeline.from_pretrained(SHIPPED_MODEL, device="cpu")
     # Captions pass whole; edits get partial credit only.
     monkeypatch.setattr(think_default, "shapes_reward",

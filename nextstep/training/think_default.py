@@ -53,15 +53,13 @@ def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_pro
         seconds = time.perf_counter() - t0
         scores = shapes_reward(images, t2i + [c.instruction for c in cases], [None] * len(t2i) + sources)
         half = len(t2i)
-        result["modes"][name] = {
-            "settings": overrides,
-            "reward": sum(scores) / len(scores),
-            "reward_t2i": sum(scores[:half]) / max(half, 1),
-            "reward_edits": sum(scores[half:]) / max(len(cases), 1),
-            "passed": sum(x == 1.0 for x in scores) / len(scores),
-            "passed_t2i": sum(x == 1.0 for x in scores[:half]) / max(half, 1),
-            "passed_edits": sum(x == 1.0 for x in scores[half:]) / max(len(cases), 1),
-            "seconds_per_image": seconds / len(scores)}
+        row: dict[str, Any] = {"settings": overrides}
+        for part, part_scores in (("", scores), ("_t2i", scores[:half]), ("_edits", scores[half:])):
+            n = max(len(part_scores), 1)
+            row["reward" + part] = sum(part_scores) / n
+            row["passed" + part] = sum(x == 1.0 for x in part_scores) / n
+        row["seconds_per_image"] = seconds / len(scores)
+        result["modes"][name] = row
     scored = result["modes"]
     result["chosen"] = max(scored, key=lambda m: (scored[m]["reward"], -list(modes).index(m)))
     return result
