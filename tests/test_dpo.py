@@ -16,7 +16,7 @@ from nextstep.data import Collator
 from nextstep.shapes import render_image, scene_for_caption
 from nextstep.shapes.grammar import parse_caption
 from nextstep.training.dpo import dpo_loss, pair_draws, tokens_per_image, velocity_errors
-from nextstep.training.preferences import PreferenceError, pair_batch, pairs_for, read_pairs
+from nextstep.training.preferences import PreferenceError, pair_batch, pairs_for, read_pair_files, read_pairs
 
 SHIPPED = Path(__file__).resolve().parents[1] / "nextstep" / "assets" / "shapes"
 # Chosen: the caption's scene; rejected: the same layout in another colour.
@@ -83,6 +83,18 @@ def test_pair_file_is_read_with_paths_relative_to_it(tmp_path):
     walk = [pairs_for(4, 0, s, 2, 0, 2) for s in range(8)]
     epochs = [walk[2 * e] + walk[2 * e + 1] for e in range(4)]
     assert all(sorted(e) == [0, 1, 2, 3] for e in epochs) and len({tuple(e) for e in epochs}) > 1
+
+
+def test_pair_files_read_as_one_set_each_relative_to_its_folder(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = make_pair_file(tmp_path / "a"), make_pair_file(tmp_path / "b", edit_source=True)
+    pairs = read_pair_files([first, second])
+    assert len(pairs) == 2 * len(CAPTIONS)
+    assert [p.prompt for p in pairs] == [p.prompt for p in read_pairs(first) + read_pairs(second)]
+    assert all(p.chosen.parent == tmp_path / "a" for p in pairs[:len(CAPTIONS)])
+    assert all(p.chosen.parent == tmp_path / "b" for p in pairs[len(CAPTIONS):])
+    assert any(p.source is not None for p in pairs[len(CAPTIONS):])
+    assert [p.index for p in pairs] == list(range(len(pairs)))  # no two pairs share their random draws
 
 
 @pytest.mark.parametrize("line,message", [
@@ -215,6 +227,8 @@ def test_dpo_stage_trains_and_resumes_bit_identically_after_sigkill(tmp_path, ti
 @pytest.mark.parametrize("text,message", [
     ("", "dpo.pairs is empty"),
     ('[dpo]\npairs = "/no/pairs.jsonl"\n', "dpo.pairs='/no/pairs.jsonl' does not exist"),
+    ('[dpo]\npairs = ["PAIRS", "/no/pairs.jsonl"]\n', "dpo.pairs='/no/pairs.jsonl' does not exist"),
+    ('[dpo]\npairs = []\n', "dpo.pairs is empty"),
     ('[dpo]\npairs = "PAIRS"\nbeta = 0.0\n', "dpo.beta=0.0 (must be a number > 0)"),
 ])
 def test_bad_dpo_config_fails_before_any_compute(tmp_path, tiny_export, text, message):

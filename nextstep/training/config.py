@@ -135,20 +135,28 @@ class DpoSection:
     """`stage = "dpo"` (nextstep/training/dpo.py): preference pairs instead of `[data] sources`;
     `data.batch_size` counts pairs."""
 
-    pairs: str = ""  # JSONL pair file: prompt, chosen, rejected (image paths), optional source (edits)
+    # JSONL pair file: prompt, chosen, rejected (image paths), optional source (edits). A list of files
+    # is read as one set, in order (e.g. caption pairs and edit pairs from two `nextstep data preferences`).
+    pairs: str | list[str] = ""
     # How sharply the loss rewards the policy's error gap over the reference's: Diffusion-DPO's
     # SD1.5 value (5000) with its factor 1/2 folded in.
     beta: float = 2500.0
+
+    @property
+    def pair_files(self) -> list[str]:
+        """`pairs` as a list of files."""
+        return [self.pairs] if isinstance(self.pairs, str) else list(self.pairs)
 
     def problems(self, stage: str) -> list[str]:
         """What is wrong with this [dpo] table for a stage of kind `stage`."""
         if stage != "dpo":
             return [] if self == DpoSection() else [f"[dpo] is set but stage={stage!r} does not read it"]
         problems = []
-        if not self.pairs:
+        if not self.pair_files or not all(self.pair_files):
             problems.append("dpo.pairs is empty (the preference file: see docs/post-training.md)")
-        elif not Path(self.pairs).is_file():
-            problems.append(f"dpo.pairs={self.pairs!r} does not exist (make one with `nextstep data preferences`)")
+        for path in filter(None, self.pair_files):
+            if not Path(path).is_file():
+                problems.append(f"dpo.pairs={path!r} does not exist (make one with `nextstep data preferences`)")
         if not 0 < self.beta < float("inf"):
             problems.append(f"dpo.beta={self.beta} (must be a number > 0)")
         return problems

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..data import Collator
 from ..model import NextStep
-from .preferences import pair_batch, pairs_for, read_pairs
+from .preferences import pair_batch, pairs_for, read_pair_files
 from .stages import StageContext, reference_model
 from .supervised import draw_seed, image_generators, sample_latents
 
@@ -131,7 +131,7 @@ class DPOStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         config, env = ctx.config, ctx.env
-        self.pairs = read_pairs(config.dpo.pairs)  # checks the whole file before any compute
+        self.pairs = read_pair_files(config.dpo.pair_files)  # checks every file whole before any compute
         self.reference = reference_model(config, env.device)
         # The loss never reaches the text head: frozen, it gets no optimizer state (which a resume
         # would otherwise find missing) and no weight decay. (Tied, it is the embedding, which trains.)

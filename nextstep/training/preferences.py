@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,13 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not pairs:
         raise PreferenceError(f"preference file {path} holds no pairs")
     return pairs
+
+
+def read_pair_files(paths: list[str | Path]) -> list[Pair]:
+    """The pairs of every file in `paths`, in order, as one set: each file's image paths relative to it,
+    and `index` (which keys a pair's random draws) counted over the set, so no two pairs share draws."""
+    pairs = [pair for path in paths for pair in read_pairs(path)]
+    return [replace(pair, index=k) for k, pair in enumerate(pairs)]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
