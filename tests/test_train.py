@@ -240,7 +240,8 @@ def test_recipes_parse():
     assert len(files) >= 10
     stages = {f: TrainConfig.from_file(f).stage for f in files}
     assert "pretrain" in stages.values() and "sft" in stages.values()
-    dpo = {recipe: [s for f, s in stages.items() if f.parent == recipe].count("dpo") for recipe in {f.parent for f in files}}
+    dpo = {recipe: [s for f, s in stages.items() if f.parent == recipe].count("dpo")
+           for recipe in {f.parent for f in files}}
     # every recipe has a DPO stage (shapes: four rounds, shipped; shapes-next: the alternative to GRPO)
     assert {r.name: n for r, n in dpo.items()} == {"nextstep1": 1, "shapes": 4, "shapes-next": 1}
 
