@@ -286,3 +286,22 @@ def test_data_preferences_pairs_the_best_sample_against_the_worst(tmp_path, tiny
     for line in lines:
         assert (edits / line["source"]).is_file() and line["kind"] in ("recolour", "add", "remove", "background")
         assert line["scores"][0] > line["scores"][1]
+
+
+def test_data_preferences_draws_prompts_as_the_benchmark_names_colours(tmp_path, tiny_export):
+    from nextstep.cli import main
+    from nextstep.shapes.grammar import parse_caption
+
+    def prompts(*extra: str) -> list[str]:
+        out = tmp_path / "-".join(extra)
+        assert main(["data", "preferences", "--model", str(tiny_export), "--out", str(out), "--num", "6", "-n", "2",
+                     "--size", "32", "--steps", "2", "--cfg", "1", "--reward", "tests.test_dpo:redness",
+                     "--categories", "color_attr", "two_object", *extra]) == 0
+        return [json.loads(x)["prompt"] for x in (out / "pairs.jsonl").read_text().splitlines()]
+
+    # color_attr names both colours, two_object none; the world's own rule names each with chance 0.5.
+    def named(caption: str) -> int:
+        return sum(o.colour is not None for o in parse_caption(caption).objects)
+    bench = prompts("--benchmark-colours")
+    assert len(bench) == 6 and all(named(c) in (0, 2) for c in bench) and {named(c) for c in bench} == {0, 2}
+    assert {named(c) for c in prompts("--colour-prob", "1")} == {2}

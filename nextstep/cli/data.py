@@ -8,10 +8,14 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..io.atomic import atomic_write
 from .common import (add_model_args, add_settings_args, check_positive, check_seed, command_group, load_pipeline,
                      settings_from_args)
+
+if TYPE_CHECKING:
+    from ..shapes.dataset import ShapesConfig
 
 FORMATS = ("folder", "webdataset")
 
@@ -24,6 +28,27 @@ def _probability(text: str) -> float:
     if not 0 <= p <= 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
     return p
+
+
+def _add_world_args(parser: argparse.ArgumentParser) -> None:
+    """The options of which samples of the world are drawn, shared by `data shapes` and `data preferences`."""
+    parser.add_argument("--colour-prob", type=_probability, default=0.5,
+                        help="chance that an object phrase names its colour (default 0.5)")
+    parser.add_argument("--benchmark-colours", action="store_true",
+                        help="name colours exactly as the benchmark categories do (overrides --colour-prob)")
+    parser.add_argument("--dark-prob", type=_probability, default=0.2,
+                        help="chance of a dark background (default 0.2)")
+    parser.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                        help="caption categories to draw from (default: all six)")
+
+
+def _world(args: argparse.Namespace, size: int) -> ShapesConfig:
+    """The world the options above describe."""
+    from ..shapes.dataset import ShapesConfig
+    from ..shapes.world import CATEGORIES
+
+    return ShapesConfig(size=size, seed=args.seed, edits=args.edits, categories=tuple(args.categories or CATEGORIES),
+                        colour_prob=None if args.benchmark_colours else args.colour_prob, dark_prob=args.dark_prob)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,13 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--format", choices=FORMATS, default="folder", help="folder (PNGs + manifest.jsonl) or "
                    "webdataset (tar shards); default folder")
     s.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
-    s.add_argument("--colour-prob", type=_probability, default=0.5,
-                   help="chance that an object phrase names its colour (default 0.5)")
-    s.add_argument("--benchmark-colours", action="store_true",
-                   help="name colours exactly as the benchmark categories do (overrides --colour-prob)")
-    s.add_argument("--dark-prob", type=_probability, default=0.2, help="chance of a dark background (default 0.2)")
-    s.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
-                   help="caption categories to draw from (default: all six)")
+    _add_world_args(s)
     s.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     s.set_defaults(run=run_shapes)
 
@@ -72,11 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edits", action="store_true", help="edit instructions on rendered sources instead of captions")
     p.add_argument("--reward", default="shapes", help="'shapes' or module:function, as in [grpo] reward "
                                                       "(default shapes)")
-    p.add_argument("--colour-prob", type=_probability, default=0.5,
-                   help="chance that an object phrase names its colour (default 0.5)")
-    p.add_argument("--dark-prob", type=_probability, default=0.2, help="chance of a dark background (default 0.2)")
-    p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
-                   help="caption categories to draw from (default: all six)")
+    _add_world_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace pairs already in --out")
     add_model_args(p)
@@ -88,18 +103,14 @@ def run_shapes(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.webdataset import ShardWriter
-    from ..shapes.dataset import ShapesConfig, make_sample
+    from ..shapes.dataset import make_sample
     from ..shapes.renderer import render_image
-    from ..shapes.world import CATEGORIES
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
-    config = ShapesConfig(size=args.size, seed=args.seed, edits=args.edits,
-                          categories=tuple(args.categories or CATEGORIES),
-                          colour_prob=None if args.benchmark_colours else args.colour_prob,
-                          dark_prob=args.dark_prob)
+    config = _world(args, args.size)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -155,10 +166,9 @@ def run_shapes(args: argparse.Namespace) -> int:
 def run_preferences(args: argparse.Namespace) -> int:
     from ..io.images import load_rgb
     from ..settings import SEED_MODULUS
-    from ..shapes.dataset import ShapesConfig, make_sample
+    from ..shapes.dataset import make_sample
     from ..shapes.grammar import parse_instruction
     from ..shapes.renderer import render_image
-    from ..shapes.world import CATEGORIES
     from ..training.preferences import PAIR_FILE, make_pairs
     from ..training.rewards import load_reward
 
@@ -178,8 +188,7 @@ def run_preferences(args: argparse.Namespace) -> int:
     height, width = settings.hw
     if height != width:
         raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
-    config = ShapesConfig(size=height, seed=args.seed, edits=args.edits, categories=tuple(args.categories or CATEGORIES),
-                          colour_prob=args.colour_prob, dark_prob=args.dark_prob)
+    config = _world(args, height)
     samples = [make_sample(config, k) for k in range(args.num)]
     n = args.num_images
     seeds = [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)]
