@@ -290,7 +290,6 @@ def test_data_preferences_pairs_the_best_sample_against_the_worst(tmp_path, tiny
 
 def test_data_preferences_draws_prompts_as_the_benchmark_names_colours(tmp_path, tiny_export):
     from nextstep.cli import main
-    from nextstep.shapes.grammar import parse_caption
 
     def prompts(*extra: str) -> list[str]:
         out = tmp_path / "-".join(extra)
@@ -305,3 +304,35 @@ def test_data_preferences_draws_prompts_as_the_benchmark_names_colours(tmp_path,
     bench = prompts("--benchmark-colours")
     assert len(bench) == 6 and all(named(c) in (0, 2) for c in bench) and {named(c) for c in bench} == {0, 2}
     assert {named(c) for c in prompts("--colour-prob", "1")} == {2}
+
+
+def test_data_preferences_with_chosen_truth_pairs_the_rendered_scene_against_the_worst_sample(tmp_path,
+                                                                                              tiny_export):
+    from PIL import Image
+
+    from nextstep.cli import main
+    from nextstep.shapes.dataset import ShapesConfig, make_sample
+
+    def lines(out: Path, *extra: str) -> list[dict]:
+        assert main(["data", "preferences", "--model", str(tiny_export), "--out", str(out), "--num", "3",
+                     "--size", "32", "--steps", "2", "--cfg", "1", "--seed", "4", "--chosen", "truth",
+                     *extra]) == 0
+        return [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+
+    # With a reward below 1 for every image (redness), every prompt gives a pair, one sample will do.
+    got = lines(tmp_path / "t2i", "-n", "1", "--reward", "tests.test_dpo:redness")
+    assert len(got) == 3
+    for i, line in enumerate(got):
+        scene = make_sample(ShapesConfig(size=32, seed=4), i).scene
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "t2i" / line["chosen"])),
+                              np.asarray(render_image(scene)))
+        assert line["scores"][0] == 1.0 and line["scores"][1] < 1.0 and line["seeds"] == [None, 4 + i]
+    # Edits: the chosen image is the rendered target. With the shapes checker, only failed samples pair.
+    edits = lines(tmp_path / "edits", "-n", "2", "--edits")
+    assert edits  # an untrained model fails some
+    for line in edits:
+        i = int(Path(line["chosen"]).name[:6])
+        target = make_sample(ShapesConfig(size=32, seed=4, edits=True), i).scene
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "edits" / line["chosen"])),
+                              np.asarray(render_image(target)))
+        assert line["scores"][1] < 1.0 and (tmp_path / "edits" / line["source"]).is_file()

@@ -89,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed of the prompts, and first generation seed "
                                                        "(default 0)")
     p.add_argument("--edits", action="store_true", help="edit instructions on rendered sources instead of captions")
+    p.add_argument("--chosen", choices=("best", "truth"), default="best",
+                   help="best: a prompt's best sample over its worst, where their scores differ; truth: the "
+                        "rendered true image over its worst sample, where that fails (-n may be 1); default best")
     p.add_argument("--reward", default="shapes", help="'shapes' or module:function, as in [grpo] reward "
                                                       "(default shapes)")
     _add_world_args(p)
@@ -173,9 +176,9 @@ def run_preferences(args: argparse.Namespace) -> int:
     from ..training.rewards import load_reward
 
     check_positive(**{"--num": args.num, "-n": args.num_images, "--batch-size": args.batch_size})
-    if args.num_images < 2:
-        raise ValueError(f"-n must be >= 2 (a pair is the best and the worst of a prompt's images), "
-                         f"got {args.num_images}")
+    if args.num_images < 2 and args.chosen == "best":
+        raise ValueError(f"-n must be >= 2 (a pair is the best and the worst of a prompt's images; with "
+                         f"--chosen truth, 1 will do), got {args.num_images}")
     check_seed(args.seed)
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -200,8 +203,10 @@ def run_preferences(args: argparse.Namespace) -> int:
     else:
         prompts, sources = [s.caption for s in samples], None
         extra = [{"category": s.category} for s in samples]
+    # A sample's scene is its caption's image, or an edit's target.
+    truths = [load_rgb(_png(render_image(s.scene))) for s in samples] if args.chosen == "truth" else None
     summary = make_pairs(pipe, prompts, seeds, n, settings, reward, out, sources, extra,
-                         batch_images=args.batch_size * n, progress=sys.stderr.isatty())
+                         batch_images=args.batch_size * n, progress=sys.stderr.isatty(), truths=truths)
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['images']} images, mean score "
           f"{summary['mean_score']:.3f}, {summary['perfect']:.1%} perfect): {summary['file']}")
     return 0

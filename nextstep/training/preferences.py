@@ -198,15 +198,22 @@ IMAGES = "images"  # the pair file's images, in this subfolder next to it
 def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, settings: Any,
                reward: Callable[..., Sequence[float]], out: Path, sources: Sequence[Image.Image] | None = None,
                extra: Sequence[dict[str, Any]] | None = None, batch_images: int = 64,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, truths: Sequence[Image.Image] | None = None) -> dict[str, Any]:
     """Sample n images per prompt with `pipe` (image k of prompt i from seed seeds[i] + k), score them
     with `reward(images, prompts, sources)`, and write a pair (best, worst) for every prompt whose
     scores differ: OUT/images/*.png, then OUT/pairs.jsonl (atomically, last). `extra[i]` is merged
-    into prompt i's line. Returns a summary (counts, mean score, share of perfect scores)."""
+    into prompt i's line. Returns a summary (counts, mean score, share of perfect scores).
+
+    With `truths` (a true image for every prompt, such as the shapes renderer's), the chosen image is
+    prompt i's truth and the rejected its worst sample, for every prompt whose worst sample scores below
+    1: the model's own failures against what it should have drawn, so prompts where every sample fails
+    alike give pairs too (SPIN-Diffusion's self-play pairs, judged by the reward)."""
     from .rewards import checked_scores
 
-    if n < 2:
+    if n < (1 if truths is not None else 2):
         raise ValueError(f"a pair needs at least 2 images per prompt, got n={n}")
+    if truths is not None and len(truths) != len(prompts):
+        raise ValueError(f"{len(truths)} true images for {len(prompts)} prompts")
     settings = settings.with_overrides(think=False)  # a pair line holds no thought (docs/post-training.md)
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     lines: dict[int, dict[str, Any]] = {}
@@ -223,14 +230,20 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
         all_scores += scores
         best = max(range(n), key=lambda k: scores[k])  # the first of equals: a function of the seeds
         worst = min(range(n), key=lambda k: scores[k])
-        if scores[best] == scores[worst]:
+        if truths is not None:
+            if scores[worst] >= 1.0:
+                continue  # every sample is right
+            chosen, best_score, best_seed = truths[i], 1.0, None
+        elif scores[best] == scores[worst]:
             continue  # nothing to prefer
-        line = {"prompt": prompts[i], "chosen": save(images[best], f"{i:06d}_chosen.png"),
+        else:
+            chosen, best_score, best_seed = images[best], scores[best], (seeds[i] + best) % SEED_MODULUS
+        line = {"prompt": prompts[i], "chosen": save(chosen, f"{i:06d}_chosen.png"),
                 "rejected": save(images[worst], f"{i:06d}_rejected.png")}
         if source is not None:
             line["source"] = save(source, f"{i:06d}_source.png")
-        lines[i] = {**line, "scores": [scores[best], scores[worst]],
-                    "seeds": [(seeds[i] + k) % SEED_MODULUS for k in (best, worst)], **(extra[i] if extra else {})}
+        lines[i] = {**line, "scores": [best_score, scores[worst]],
+                    "seeds": [best_seed, (seeds[i] + worst) % SEED_MODULUS], **(extra[i] if extra else {})}
     text = "".join(json.dumps(lines[i]) + "\n" for i in sorted(lines))
     atomic_write(out / PAIR_FILE, lambda tmp: Path(tmp).write_text(text))
     return {"prompts": len(prompts), "images": len(all_scores), "pairs": len(lines),
