@@ -11,10 +11,11 @@ done_stage() { [ -e "$(grep -m1 '^out_dir' "$1" | cut -d'"' -f2)/DONE" ]; }
 for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order
     done_stage "$stage" || nextstep train "$stage" --resume
 done
-# four rounds of DPO (17 to 20), each on preference pairs of the previous stage's own samples
-# (2048 captions and 2048 edits of the world, 4 images each, best against worst by the checker);
+# five rounds of DPO (17 to 21), each on preference pairs of the previous stage's own samples
+# (2048 captions and 2048 edits of the world, 4 images each, best against worst by the checker;
+# round 21 draws its captions as the benchmark's categories name colours);
 # 17-grpo and 17-plan are alternatives to stage 17 that are not shipped
-for round in "17 16-long-cycle 18" "18 17-dpo 19" "19 18-dpo 20" "20 19-dpo 21"; do
+for round in "17 16-long-cycle 18" "18 17-dpo 19" "19 18-dpo 20" "20 19-dpo 21" "21 20-dpo 22"; do
     set -- $round   # stage, the model it starts from, the prompts' seed
     stage=recipes/shapes/$1-dpo.toml
     if ! done_stage "$stage"; then
@@ -24,14 +25,15 @@ for round in "17 16-long-cycle 18" "18 17-dpo 19" "19 18-dpo 20" "20 19-dpo 21";
             out=runs/shapes/$1-pairs-$kind
             [ -e "$out/pairs.jsonl" ] && continue
             if [ $kind = edits ]; then extra="--edits --dark-prob 0.4"; else extra="--dark-prob 0.3"; fi
+            if [ $kind = t2i ] && [ "$1" -ge 21 ]; then extra="$extra --benchmark-colours"; fi
             nextstep data preferences --model "runs/shapes/$2/export" --out "$out" --num 2048 --seed "$3" $extra --overwrite
         done
         nextstep train "$stage" --resume
     fi
 done
-# ship stage 20 (on the dark-trained VAE, which its export carries), keeping the model card that
+# ship stage 21 (on the dark-trained VAE, which its export carries), keeping the model card that
 # ships with it (the only copy in the repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/20-dpo/export nextstep/assets/shapes \
+python -m nextstep.training.ship runs/shapes/21-dpo/export nextstep/assets/shapes \
     --defaults recipes/shapes/generation_defaults.json --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
