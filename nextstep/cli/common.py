@@ -97,7 +97,7 @@ SETTING_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--steps", "num_sampling_steps", {"type": int}, "flow sampling steps per token"),
     ("--shift", "timesteps_shift", {"type": float}, "timesteps shift (> 1: more steps near the noise)"),
     ("--step-schedule", "step_schedule", {"choices": STEP_SCHEDULES},
-     "flow steps per token: fixed (official) or a preset that falls over the tokens (faster)"),
+     "flow steps per token: fixed (official) or a preset of fewer, with the integrator it names (faster)"),
     ("--sampler", "sampler", {"choices": SAMPLERS}, "flow sampler"),
     ("--noise-level", "noise_level", {"type": float}, "noise of the sde and cps samplers, in [0, 1]"),
     ("--use-norm", "use_norm", {"action": argparse.BooleanOptionalAction}, "layer-norm each sampled token"),

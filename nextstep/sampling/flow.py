@@ -31,15 +31,29 @@ from torch import Tensor
 from ..model.flow_head import FlowNet, FusedFlowNet
 
 SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
-# Flow steps per image token: "fixed" (the official: `num_steps` for every token), or a preset of
-# fewer. Preset: (start, power, floor), fractions of `num_steps`: token k of n gets
-# max(floor, start * (1 - k/n) ** power) * num_steps steps, rounded up, so a count may fall from the
-# first token to the last (training-free step annealing) or stay flat. A preset must not lose more
-# than 0.01 of shapes score (docs/performance.md; shipped model, three full prompt sets): "fast",
-# 7 of 20 steps for every token (2.9x fewer head evaluations), scored 0.659 against 0.669. Not
-# offered: 6 of 20 (3.3x fewer, -0.027), and falls from 20 steps (power 2 to a floor of a fifth,
-# 2.3x fewer, -0.030; power 3 to 0.15, 2.9x fewer, -0.099).
-STEP_SCHEDULE_PRESETS = {"fast": (0.35, 0.0, 0.35)}
+
+
+@dataclass(frozen=True)
+class StepPreset:
+    """A step schedule of fewer flow steps: token k of n gets max(floor, start * (1 - k/n) ** power)
+    * num_steps steps, rounded up (fractions of `num_steps`), so a count may fall from the first token
+    to the last (training-free step annealing) or stay flat; `kind` and `noise_level` name the
+    integrator those steps use (None: the sampler's own), since few steps favour a gentler one."""
+
+    start: float
+    power: float
+    floor: float
+    kind: str | None = None
+    noise_level: float | None = None
+
+
+# Flow steps per image token: "fixed" (the official: `num_steps` of the sampler for every token), or
+# a preset of fewer. A preset must not lose more than 0.01 of shapes score against "fixed" (the
+# shipped model, three full prompt sets; docs/performance.md). "fast": 6 of 20 steps (3.3x fewer
+# head evaluations) of `cps` at noise 0.5 for every token; on v14 it was chosen on the training
+# stream and holds the benchmark. The official sampler's own 7 of 20 steps (the former "fast") lost
+# 0.014 there (0.094 on edits); falls from 20 steps lost more (0.030-0.099 on v10).
+STEP_SCHEDULE_PRESETS = {"fast": StepPreset(0.3, 0.0, 0.3, kind="cps", noise_level=0.5)}
 STEP_SCHEDULES = ("fixed", *STEP_SCHEDULE_PRESETS)
 
 
@@ -91,26 +105,34 @@ class FlowSampler:
     @property
     def noise_draws(self) -> int:
         """Gaussian draws per token, in the reference's order: the initial noise, then one per
-        stochastic step (`cps` draws on its last step too, although its coefficient is 0)."""
-        return {"euler_maruyama": self.num_steps, "ode": 1}.get(self.kind, self.num_steps + 1)
+        stochastic step (`cps` draws on its last step too, although its coefficient is 0). Under a
+        step schedule, at least the fixed count's (a token with fewer steps uses the first draws)."""
+        own = {"euler_maruyama": self.num_steps, "ode": 1}.get(self.kind, self.num_steps + 1)
+        if self.step_schedule not in STEP_SCHEDULE_PRESETS:
+            return own
+        return max(own, self.with_steps(self.token_steps(1)[0]).noise_draws)  # the first token has the most
 
     @property
     def min_steps(self) -> int:
         return 2 if self.kind == "euler_maruyama" else 1
 
     def token_steps(self, n_tokens: int) -> list[int]:
-        """Flow steps of each of `n_tokens` image tokens under the step schedule (the noise of a
-        token is always drawn for `num_steps`; a token with fewer steps uses the first draws)."""
+        """Flow steps of each of `n_tokens` image tokens under the step schedule."""
         if self.step_schedule not in STEP_SCHEDULE_PRESETS:
             return [self.num_steps] * n_tokens
-        start, power, floor = STEP_SCHEDULE_PRESETS[self.step_schedule]
-        low = max(self.min_steps, math.ceil(floor * self.num_steps))
-        return [min(self.num_steps, max(low, math.ceil(start * self.num_steps * (1 - k / n_tokens) ** power)))
-                for k in range(n_tokens)]
+        preset = STEP_SCHEDULE_PRESETS[self.step_schedule]
+        low = max(self.with_steps(self.num_steps).min_steps, math.ceil(preset.floor * self.num_steps))
+        return [min(self.num_steps, max(low, math.ceil(preset.start * self.num_steps * (1 - k / n_tokens)
+                                                       ** preset.power))) for k in range(n_tokens)]
 
     def with_steps(self, num_steps: int) -> "FlowSampler":
-        """This sampler with a fixed count of `num_steps` (one token's sampler under a schedule)."""
-        return dataclasses.replace(self, num_steps=num_steps, step_schedule=STEP_SCHEDULES[0])
+        """One token's sampler under the step schedule: a fixed count of `num_steps`, with the
+        schedule's integrator if it names one."""
+        preset = STEP_SCHEDULE_PRESETS.get(self.step_schedule)
+        kind = preset.kind if preset and preset.kind else self.kind
+        noise_level = preset.noise_level if preset and preset.noise_level is not None else self.noise_level
+        return dataclasses.replace(self, kind=kind, noise_level=noise_level, num_steps=num_steps,
+                                   step_schedule=STEP_SCHEDULES[0])
 
     def timesteps(self) -> Tensor:
         """The time grid (float32, computed as the reference does)."""
