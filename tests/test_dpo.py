@@ -135,6 +135,21 @@ def test_pair_batch_puts_chosen_rows_then_rejected_rows(tmp_path, ref10):
 
 
 # ---------------------------------------------------------------------- the loss
+def test_the_sft_term_adds_the_policys_error_on_the_chosen_image():
+    """loss = softplus(beta * d) + w * e_policy(chosen): checked against the closed form, and its
+    gradient reaches the chosen error only (by w more than plain DPO's)."""
+    policy = torch.tensor([0.30, 0.10, 0.25, 0.40], requires_grad=True)  # chosen (2 pairs), then rejected
+    reference = torch.tensor([0.28, 0.12, 0.20, 0.41])
+    beta, w = 10.0, 3.0
+    loss, _ = dpo_loss(policy, reference, beta, sft_weight=w)
+    d = (policy[:2] - reference[:2]) - (policy[2:] - reference[2:])
+    expected = torch.log1p(torch.exp(beta * d)) + w * policy[:2]
+    assert torch.allclose(loss, expected, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(loss.sum(), policy)
+    (plain,) = torch.autograd.grad(dpo_loss(policy, reference, beta)[0].sum(), policy)
+    assert torch.allclose(grad - plain, torch.tensor([w, w, 0.0, 0.0]), atol=1e-6, rtol=0)
+
+
 def test_dpo_loss_at_initialisation_is_log_2(tmp_path, ref10):
     model, tokenizer, vae = tiny_parts(ref10)
     reference = copy.deepcopy(model).requires_grad_(False)
@@ -230,6 +245,7 @@ def test_dpo_stage_trains_and_resumes_bit_identically_after_sigkill(tmp_path, ti
     ('[dpo]\npairs = ["PAIRS", "/no/pairs.jsonl"]\n', "dpo.pairs='/no/pairs.jsonl' does not exist"),
     ('[dpo]\npairs = []\n', "dpo.pairs is empty"),
     ('[dpo]\npairs = "PAIRS"\nbeta = 0.0\n', "dpo.beta=0.0 (must be a number > 0)"),
+    ('[dpo]\npairs = "PAIRS"\nsft_weight = -1.0\n', "dpo.sft_weight=-1.0 (must be a number >= 0)"),
 ])
 def test_bad_dpo_config_fails_before_any_compute(tmp_path, tiny_export, text, message):
     from nextstep.errors import ConfigError

@@ -141,6 +141,10 @@ class DpoSection:
     # How sharply the loss rewards the policy's error gap over the reference's: Diffusion-DPO's
     # SD1.5 value (5000) with its factor 1/2 folded in.
     beta: float = 2500.0
+    # Weight of the policy's plain flow-matching error on the chosen images, added to the DPO loss
+    # (an SFT term, as RPO adds one to DPO): it keeps the chosen images likely while the pair's
+    # margin grows. 0 is plain Diffusion-DPO.
+    sft_weight: float = 0.0
 
     @property
     def pair_files(self) -> list[str]:
@@ -159,6 +163,8 @@ class DpoSection:
                 problems.append(f"dpo.pairs={path!r} does not exist (make one with `nextstep data preferences`)")
         if not 0 < self.beta < float("inf"):
             problems.append(f"dpo.beta={self.beta} (must be a number > 0)")
+        if not 0 <= self.sft_weight < float("inf"):
+            problems.append(f"dpo.sft_weight={self.sft_weight} (must be a number >= 0)")
         return problems
 
 

@@ -10,7 +10,7 @@ the flow head and its error is flow matching's velocity error. For a pair
     e(x) = mean over the image's tokens (and the head's `fm_head_batch_mul` draws)
            of |v(x_t, t, c) - (x - noise)|^2 / D,  the velocity MSE of `FlowHead.loss`
     d    = (e_policy(w) - e_ref(w)) - (e_policy(l) - e_ref(l))
-    loss = -log sigmoid(-beta * d) = softplus(beta * d)
+    loss = -log sigmoid(-beta * d) = softplus(beta * d)  [+ sft_weight * e_policy(w)]
 
 Chosen and rejected share each token's noise and time, and policy and reference
 see the same draws, so d measures the models, not the luck of the draw. Each
@@ -101,16 +101,18 @@ def velocity_errors(model: NextStep, batch: dict[str, Any], latents: Tensor | li
     return sums / (torch.bincount(image_of_token).float() * draws)
 
 
-def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+def dpo_loss(policy: Tensor, reference: Tensor, beta: float, sft_weight: float = 0.0
+             ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair Diffusion-DPO losses from the 2P per-image errors of policy and reference (chosen
-    first, then rejected), and per-pair statistics for the metrics (all (P,))."""
+    first, then rejected), plus `sft_weight` times the policy's error on the chosen image, and
+    per-pair statistics for the metrics (all (P,))."""
     if policy.shape != reference.shape or policy.ndim != 1 or policy.numel() % 2:
         raise ValueError(f"errors must be two equal (2P,) vectors, got {tuple(policy.shape)} and "
                          f"{tuple(reference.shape)}")
     p_w, p_l = policy.chunk(2)
     r_w, r_l = reference.chunk(2)
     d = (p_w - r_w) - (p_l - r_l)
-    loss = F.softplus(beta * d)
+    loss = F.softplus(beta * d) + sft_weight * p_w
     stats = {"chosen_err": p_w.detach(), "rejected_err": p_l.detach(),
              "chosen_vs_ref": (p_w - r_w).detach(), "rejected_vs_ref": (p_l - r_l).detach(),
              "margin": (-beta * d).detach(), "accuracy": (d < 0).float().detach()}
@@ -164,7 +166,7 @@ class DPOStage:
                 policy = velocity_errors(ctx.trained, batch, latents, noise, t)
                 with torch.no_grad():
                     reference = velocity_errors(self.reference, batch, latents, noise, t)
-            losses, stats = dpo_loss(policy, reference, config.dpo.beta)
+            losses, stats = dpo_loss(policy, reference, config.dpo.beta, config.dpo.sft_weight)
             # The mean over the step's pairs on every rank; times the rank count because FSDP
             # averages the ranks' gradients.
             loss = losses.sum() / total
