@@ -210,8 +210,9 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
     alike give pairs too (SPIN-Diffusion's self-play pairs, judged by the reward)."""
     from .rewards import checked_scores
 
-    if n < (1 if truths is not None else 2):
-        raise ValueError(f"a pair needs at least 2 images per prompt, got n={n}")
+    least = 1 if truths is not None else 2  # with truths, one sample is the rejected side
+    if n < least:
+        raise ValueError(f"a pair needs at least {least} image(s) per prompt, got n={n}")
     if truths is not None and len(truths) != len(prompts):
         raise ValueError(f"{len(truths)} true images for {len(prompts)} prompts")
     settings = settings.with_overrides(think=False)  # a pair line holds no thought (docs/post-training.md)
