@@ -117,6 +117,44 @@ def test_benchmark_categories_produce_their_caption_kinds():
     assert {c.relation for c in seen["position"]} == {"to the left of", "to the right of", "above", "below"}
 
 
+def test_raster_order_names_first_the_object_the_tokens_reach_first():
+    """Two-object captions under `raster_order`: the same scenes, the same captions up to the order of
+    their two phrases, and the first phrase's object starts at the earlier image token (row by row,
+    16-pixel tokens), or in the same token no lower and no further right."""
+    plain, ordered = ShapesConfig(seed=5), ShapesConfig(seed=5, raster_order=True)
+    swapped = 0
+    for k in range(300):
+        a, b = make_sample(plain, k), make_sample(ordered, k)
+        assert a.scene == b.scene and a.category == b.category
+        ca, cb = parse_caption(a.caption), parse_caption(b.caption)
+        if ca.form != "and":
+            assert a.caption == b.caption
+            continue
+        assert set(ca.objects) == set(cb.objects) and ca.background == cb.background
+        swapped += ca.objects != cb.objects
+        first, second = (next(o for o in b.scene.objects if p.matches(o.shape, o.colour)) for p in cb.objects)
+        (x0, y0), (x1, y1) = first.bbox[:2], second.bbox[:2]
+        assert (y0 // 16, x0 // 16, y0, x0) <= (y1 // 16, x1 // 16, y1, x1), (b.caption, b.scene)
+        assert check(render(b.scene), b.caption).passed
+    assert 20 < swapped < 80  # about half of the ~100 two-object captions were named the other way
+
+
+def test_raster_order_is_a_data_option_of_shapes_captions(tmp_path):
+    from nextstep.errors import ConfigError
+    from nextstep.training.config import TrainConfig
+    from nextstep.training.sources import open_source
+
+    def config(sources: str) -> TrainConfig:
+        path = tmp_path / "stage.toml"
+        path.write_text(f"[data]\nsources = [{sources}]\n")
+        return TrainConfig.from_file(path)
+
+    source = config('{ kind = "shapes", raster_order = true }').data.sources[0]
+    assert open_source(source, 0, "data.sources[0]", rank=0, world_size=1).config.raster_order
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].raster_order \(only for shapes captions, not edits\)"):
+        config('{ kind = "shapes", edits = true, raster_order = true }').check()
+
+
 @pytest.mark.parametrize("text", [
     "a circle", "a red circle", "an orange triangle", "a circle and a square",
     "a red circle and a blue square", "two circles", "four yellow triangles",

@@ -20,7 +20,7 @@ from ..data.stream import Record, StreamDataset
 from ..io.images import to_pixels
 from .plan import plan_text
 from .renderer import render
-from .sampling import pick, sample_edit, sample_scene
+from .sampling import in_raster_order, pick, sample_edit, sample_scene
 from .world import CATEGORIES, Scene, check_size
 
 
@@ -52,6 +52,7 @@ class ShapesConfig:
     colour_prob: float | None = 0.5  # None: the benchmark's colour rule per category
     dark_prob: float = 0.2
     plan_prob: float = 0.0  # the share of samples that carry the plan of their image
+    raster_order: bool = False  # two-object captions name first the object the image's tokens reach first
 
     def __post_init__(self) -> None:
         check_size(self.size)
@@ -75,6 +76,8 @@ def make_sample(config: ShapesConfig, index: int) -> ShapesSample:
     else:
         category = pick(rng, config.categories)
         scene, caption = sample_scene(rng, config.size, category, config.colour_prob, config.dark_prob)
+        if config.raster_order:  # draws nothing: the scenes are the same either way
+            caption = in_raster_order(caption, scene)
         sample = ShapesSample(index, scene, str(caption), category)
     # Drawn last, so the scenes are the same whatever plan_prob is.
     if rng.random() < config.plan_prob:
@@ -96,15 +99,18 @@ class ShapesDataset(StreamDataset):
 
     def __init__(self, size: int = 64, seed: int = 0, edits: bool = False,
                  categories: Sequence[str] = CATEGORIES, colour_prob: float | None = 0.5, dark_prob: float = 0.2,
-                 rank: int | None = None, world_size: int | None = None, plan_prob: float = 0.0) -> None:
+                 rank: int | None = None, world_size: int | None = None, plan_prob: float = 0.0,
+                 raster_order: bool = False) -> None:
         super().__init__(seed=seed, shuffle=False, rank=rank, world_size=world_size)
-        self.config = ShapesConfig(size, seed, edits, tuple(categories), colour_prob, dark_prob, plan_prob)
+        self.config = ShapesConfig(size, seed, edits, tuple(categories), colour_prob, dark_prob, plan_prob,
+                                   raster_order)
 
     def _source_id(self) -> str:
         c = self.config
         return f"shapes(size={c.size}, edits={c.edits}, categories={list(c.categories)}, " \
                f"colour_prob={c.colour_prob}, dark_prob={c.dark_prob}" + \
-               (f", plan_prob={c.plan_prob})" if c.plan_prob else ")")  # as before plans when there are none
+               (f", plan_prob={c.plan_prob}" if c.plan_prob else "") + \
+               (", raster_order=True)" if c.raster_order else ")")  # as before these options when unset
 
     def _read(self, rank: int, world: int, wid: int, nw: int) -> Iterator[Record]:
         for slot in islice(self._todo(self.UNIT), wid, None, nw):

@@ -104,6 +104,27 @@ def sample_scene(rng: np.random.Generator, size: int, category: str, colour_prob
     return scene_for_caption(rng, caption, size), caption
 
 
+# Pixels per side of one image token: an f8 VAE latent cut into 2x2 patches (NextStep's layout).
+TOKEN_PX = 16
+
+
+def raster_key(obj: SceneObject) -> tuple[int, int, int, int]:
+    """Where the image tokens, read row by row, first reach `obj`: its first token, then its first pixel."""
+    x0, y0 = obj.bbox[:2]
+    return y0 // TOKEN_PX, x0 // TOKEN_PX, y0, x0
+
+
+def in_raster_order(caption: Caption, scene: Scene) -> Caption:
+    """`caption` with an "and" caption's two phrases in the order the image's tokens reach their
+    objects (scene.objects[i] is phrase i's, as `scene_for_caption` places them); other captions as
+    they are. Either order describes the scene; with this one, the first object the decoder draws is
+    the first one named, so its shape and colour are fixed by the caption instead of left to the
+    flow head's sample of a token that could start either object."""
+    if caption.form != "and" or raster_key(scene.objects[0]) <= raster_key(scene.objects[1]):
+        return caption
+    return replace(caption, objects=caption.objects[::-1])
+
+
 def matching(objects: Sequence[SceneObject], phrase: Phrase) -> list[int]:
     """Indices of the objects that `phrase` describes."""
     return [i for i, o in enumerate(objects) if phrase.matches(o.shape, o.colour)]

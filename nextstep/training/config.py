@@ -65,6 +65,9 @@ class DataSource:
     # shapes: the share of samples whose row holds the plan of the image (edits: of the target) between
     # the text and the image block, the thought of self-CoT (docs/self-cot.md)
     plan_prob: float = 0.0
+    # shapes: two-object captions name first the object that the image's tokens reach first (row by
+    # row), so the decoder knows which object it starts; either order describes the scene
+    raster_order: bool = False
     path: str = ""  # files: folder, manifest or shard pattern
     resolution: int = 256  # files: bucket base resolution
     task: str = "t2i"  # files: "t2i" or "edit"
@@ -275,6 +278,9 @@ class TrainConfig:
             elif s.plan_prob and s.kind != "shapes":
                 problems.append(f"data.sources[{i}].plan_prob={s.plan_prob} (only shapes sources have plans; "
                                 f"kind={s.kind!r})")
+            if s.raster_order and (s.kind != "shapes" or s.edits):
+                problems.append(f"data.sources[{i}].raster_order (only for shapes captions, not "
+                                f"{'edits' if s.kind == 'shapes' else repr(s.kind)})")
             if not s.weight > 0:
                 problems.append(f"data.sources[{i}].weight={s.weight} (must be > 0)")
         if self.init_from:

@@ -24,7 +24,8 @@ def open_source(source: DataSource, seed: int, key: str, shuffle: bool = True, r
     if source.kind == "shapes":
         try:
             return ShapesDataset(size=source.size, seed=seed, edits=source.edits, dark_prob=source.dark_prob,
-                                 rank=rank, world_size=world_size, plan_prob=source.plan_prob)
+                                 rank=rank, world_size=world_size, plan_prob=source.plan_prob,
+                                 raster_order=source.raster_order)
         except ValueError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
     local = "://" not in source.path and "{" not in source.path
