@@ -6,8 +6,8 @@ The image tokens are drawn row by row. For "a red circle and a blue square" the 
 starts an object could start either one, and the caption does not say which: the flow head's sample
 of that token decides the shape, and the colour should follow. A model that has not bound each colour
 to its shape draws the first object with either colour (or one between them). Training captions that
-name first the object the tokens reach first (`raster_order = true`, recipe stage 22) make that
-choice the caption's.
+name first the object the tokens reach first (`raster_order = true`; two trials in
+docs/shapes-model-notes.md) make that choice the caption's.
 
 For N captions of the `two_object` and `color_attr` categories (the training stream's seeds, never
 the benchmark's), one image each at the model's defaults: the share of images with two objects whose
@@ -16,7 +16,7 @@ the checker's pass rate on those images and on the others.
 
 Measured (256 captions, seed 1000, AMD EPYC, 2026-12-03): v14 (stage 21) drew the first-named object
 first in 52% of its two-object images, and those passed 0.504 against 0.353 for the others (0.418
-overall); stage 22 (v14 + 1000 supervised steps with raster-ordered captions) 71%, passing 0.386
+overall); the first trial (v14 + 1000 supervised steps with raster-ordered captions) 71%, passing 0.386
 against 0.296 (0.348 overall: the supervised steps also undid part of the DPO rounds).
 """
 

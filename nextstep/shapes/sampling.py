@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.buckets import TOKEN_PIXELS
 from .grammar import Caption, Edit, Phrase
 from .world import (
     CATEGORIES,
@@ -104,14 +105,10 @@ def sample_scene(rng: np.random.Generator, size: int, category: str, colour_prob
     return scene_for_caption(rng, caption, size), caption
 
 
-# Pixels per side of one image token: an f8 VAE latent cut into 2x2 patches (NextStep's layout).
-TOKEN_PX = 16
-
-
 def raster_key(obj: SceneObject) -> tuple[int, int, int, int]:
     """Where the image tokens, read row by row, first reach `obj`: its first token, then its first pixel."""
     x0, y0 = obj.bbox[:2]
-    return y0 // TOKEN_PX, x0 // TOKEN_PX, y0, x0
+    return y0 // TOKEN_PIXELS, x0 // TOKEN_PIXELS, y0, x0
 
 
 def in_raster_order(caption: Caption, scene: Scene) -> Caption:
