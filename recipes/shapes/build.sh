@@ -15,6 +15,7 @@ done
 # (2048 captions and 2048 edits of the world, 4 images each, best against worst by the checker;
 # round 21 draws its captions as the benchmark's categories name colours);
 # 17-grpo and 17-plan are alternatives to stage 17 that are not shipped
+# (22-plan and 23-plan, planning from stage 21, are not built either: docs/self-cot.md)
 for round in "17 16-long-cycle 18" "18 17-dpo 19" "19 18-dpo 20" "20 19-dpo 21" "21 20-dpo 22"; do
     set -- $round   # stage, the model it starts from, the prompts' seed
     stage=recipes/shapes/$1-dpo.toml
