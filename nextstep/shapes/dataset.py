@@ -107,10 +107,10 @@ class ShapesDataset(StreamDataset):
 
     def _source_id(self) -> str:
         c = self.config
+        # Options left at their defaults are not named, so a run made before they existed still resumes.
+        extra = (f", plan_prob={c.plan_prob}" if c.plan_prob else "") + (", raster_order=True" if c.raster_order else "")
         return f"shapes(size={c.size}, edits={c.edits}, categories={list(c.categories)}, " \
-               f"colour_prob={c.colour_prob}, dark_prob={c.dark_prob}" + \
-               (f", plan_prob={c.plan_prob}" if c.plan_prob else "") + \
-               (", raster_order=True)" if c.raster_order else ")")  # as before these options when unset
+               f"colour_prob={c.colour_prob}, dark_prob={c.dark_prob}{extra})"
 
     def _read(self, rank: int, world: int, wid: int, nw: int) -> Iterator[Record]:
         for slot in islice(self._todo(self.UNIT), wid, None, nw):
