@@ -173,7 +173,9 @@ class NextStepPipeline(TextWriter):
         `GenerationSettings` field may be given by name (e.g. `timesteps_shift=2.0`). Image k of
         every prompt is the image of seed `seed_from(generator) + k` (a torch.Generator counts by
         its `initial_seed()`, not its state). `image` makes it an edit: one image serves every
-        prompt or there is one per prompt, and the size defaults to the source image's."""
+        prompt or there is one per prompt, and the size defaults to the source image's. `think=`
+        says whether this call's images think, whichever their kind (with `image`, it sets
+        `think_edits`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if image is None and image_guidance_scale not in (None, 1):
             raise ValueError("image_guidance_scale guides by a source image: pass image= (editing)")
@@ -181,6 +183,8 @@ class NextStepPipeline(TextWriter):
         if image is not None:
             images = [image] if isinstance(image, Image.Image) else list(image)
             images = images * len(prompts) if len(images) == 1 else images
+            if "think" in settings:
+                settings["think_edits"] = settings.pop("think")
         s = self.settings.with_overrides(negative_prompt=negative_prompt, num_sampling_steps=num_inference_steps,
                                          cfg=guidance_scale, cfg_img=image_guidance_scale, **settings)
         h, w = s.hw
@@ -214,7 +218,7 @@ class NextStepPipeline(TextWriter):
         Every image is its own request (its prompt, its seed), and a model call only stacks
         requests whose prompt rows have the same length, so nothing is padded for a neighbour:
         an image is the same whatever else is generated with it, or in what order.
-        With `settings.think` every image's thought is written first (with the image's seed,
+        With `settings.think` (`think_edits` for edits) every image's thought is written first (with the image's seed,
         see nextstep/thinking.py), and the image is drawn from its prompt + THOUGHT_OPEN +
         thought; without, each thought is ""."""
         s = settings or self.settings
@@ -227,12 +231,13 @@ class NextStepPipeline(TextWriter):
         if batch_images < 1:
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
         thoughts = [[""] * n for _ in prompts]
-        if s.think:
+        think = s.thinks(edit=images is not None)
+        if think:
             thoughts = self.write_thoughts(prompts, images, seeds, n, s, batch_images)
         jobs: dict[int, list[tuple[int, int]]] = {}  # prompt length -> [(prompt, k)], in order
         for i, p in enumerate(prompts):
             for k in range(n):
-                thought = thoughts[i][k] if s.think else None
+                thought = thoughts[i][k] if think else None
                 if k == 0 or thought is not None:  # without thoughts a prompt's images share one length
                     length = self.prompt_length(p, None if images is None else images[i], s, plain=True,
                                                 thought=thought)
@@ -244,7 +249,7 @@ class NextStepPipeline(TextWriter):
                     batch = same_length[start:start + batch_images]
                     requests = [self.prepare(prompts[i], None if images is None else images[i], 1,
                                              (seeds[i] + k) % SEED_MODULUS, s, plain=True,
-                                             thoughts=[thoughts[i][k]] if s.think else None) for i, k in batch]
+                                             thoughts=[thoughts[i][k]] if think else None) for i, k in batch]
                     merged = merge_requests(requests)
                     for (i, k), im in zip(batch, self.decode_tokens(self.sample_tokens(merged), merged.grid)):
                         done[i][k] = im

@@ -68,8 +68,10 @@ class GenerationSettings:
     negative_prompt: str = ""  # the unconditional rows' text
     positive_prompt: str = ""  # appended to every caption
     # Self-CoT (docs/self-cot.md): write a thought with the LM head first, then draw the image from
-    # caption + "\nthought: " + thought. The text_* settings say how thought tokens are chosen.
+    # caption + "\nthought: " + thought. `think` is for text to image and `think_edits` for edits (a
+    # model may plan one and not the other); the text_* settings say how thought tokens are chosen.
     think: bool = False
+    think_edits: bool = False
     thought_max_tokens: int = 48  # a thought ends at a special token or after this many tokens
     text_temperature: float = 1.0  # 0: greedy (the most likely token)
     text_top_k: int = 0  # keep only the k most likely tokens; 0: all
@@ -88,6 +90,10 @@ class GenerationSettings:
         for name in ("cfg", "cfg_img", "timesteps_shift", "noise_level", "context_noise_std", "text_temperature",
                      "text_top_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def thinks(self, edit: bool) -> bool:
+        """Whether an image of this kind (an edit, or text to image) is drawn after a thought."""
+        return self.think_edits if edit else self.think
 
     def with_overrides(self, **overrides: Any) -> "GenerationSettings":
         """A copy with these settings changed; None leaves a setting as it is (an unset flag)."""
@@ -130,6 +136,7 @@ _CHECKS = {
     "negative_prompt": (lambda v: isinstance(v, str), "a string"),
     "positive_prompt": (lambda v: isinstance(v, str), "a string"),
     "think": (lambda v: isinstance(v, bool), "true or false"),
+    "think_edits": (lambda v: isinstance(v, bool), "true or false"),
     "thought_max_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "text_temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: greedy)"),
     "text_top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no top-k)"),

@@ -360,7 +360,8 @@ def test_eval_with_think_reports_thoughts(model: Path, work: Path, capsys: pytes
                                 "--thought-max-tokens", "3", "--out", benchmark], capsys)
         assert code == 0 and "image~thought" in out and ("thought~caption" in out) == (benchmark == "shapes")
         report = json.loads((work / benchmark / "report.json").read_text())
-        assert report["settings"]["think"] is True and report["settings"]["thought_max_tokens"] == 3
+        thinks = "think_edits" if benchmark == "edits" else "think"  # eval edits --think: the edits' setting
+        assert report["settings"][thinks] is True and report["settings"]["thought_max_tokens"] == 3
         for c in report["categories"].values():
             assert [len(case["thoughts"]) for case in c["cases"]] == [1] and c["images"] == 1
             assert all(isinstance(t, str) for case in c["cases"] for t in case["thoughts"])
@@ -418,7 +419,7 @@ class StubPipe:
                 rng = np.random.default_rng(seeds[i])
                 scenes = [scene_for_caption(rng, parse_caption(p), 64) for _ in range(n)]
                 ims = [render_image(sc) for sc in scenes]
-            if not settings.think:
+            if not settings.thinks(edit=images is not None):
                 thoughts = [""] * n
             elif images is not None:  # the unchanged source's plan: what the stub's edits show
                 thoughts = [plan_text(Scene.from_labels(self.sources[p]))] * n
@@ -518,7 +519,7 @@ def test_benchmark_with_thinking_records_and_scores_thoughts(tmp_path: Path) -> 
 
 
 def test_edits_benchmark_with_thinking_checks_images_against_thoughts() -> None:
-    think = GenerationSettings(hw=(64, 64), think=True)
+    think = GenerationSettings(hw=(64, 64), think_edits=True)
     stub = StubPipe()
     cases = benchmark_edit_cases(2, 0, 64)
     stub.sources = {c.instruction: c.source.labels() for kind in cases.values() for c in kind}

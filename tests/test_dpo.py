@@ -15,6 +15,7 @@ import torch
 from nextstep.data import Collator
 from nextstep.shapes import render_image, scene_for_caption
 from nextstep.shapes.grammar import parse_caption
+from nextstep.text import THOUGHT_OPEN
 from nextstep.training.dpo import dpo_loss, pair_draws, tokens_per_image, velocity_errors
 from nextstep.training.preferences import PreferenceError, pair_batch, pairs_for, read_pair_files, read_pairs
 
@@ -132,6 +133,68 @@ def test_pair_batch_puts_chosen_rows_then_rejected_rows(tmp_path, ref10):
     # Pair 1 is an edit: its source block is read, not scored.
     assert batch["latents_mask"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
     assert torch.equal(batch["input_ids"][1], batch["input_ids"][3])  # same prompt, same image size
+
+
+def test_a_pairs_thought_stands_between_prompt_and_image_in_both_rows(tmp_path, ref10):
+    _, tokenizer, _ = tiny_parts(ref10)
+    path = make_pair_file(tmp_path, edit_source=True)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    thought = "red circle center on white"
+    lines[0]["thought"] = lines[1]["thought"] = thought
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pairs = read_pairs(path)
+    assert [p.thought for p in pairs] == [thought, thought, None, None]
+    batch = pair_batch(pairs[:2], Collator(tokenizer, caption_dropout=0.0))
+    enc = tokenizer.encode
+    said = enc(THOUGHT_OPEN, plain=True) + enc(thought, plain=True) + [tokenizer.image_area_id]
+    for row in range(4):  # the caption's (row 0) and the edit's (row 1), chosen and rejected alike
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert any(ids[k:k + len(said)] == said for k in range(len(ids))), row
+    caption = enc("a red circle") + said
+    assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()[:len(caption)] == caption
+    lines[2]["thought"] = ""
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(PreferenceError, match=r"\['thought'\] must be non-empty"):
+        read_pairs(path)
+
+
+class ThinkingStub:
+    """Draws image k of a prompt as a flat colour and thinks thought `thoughts[k]` (when thinking)."""
+
+    def __init__(self, colours, thoughts):
+        self.colours, self.thoughts = colours, thoughts
+
+    def iter_generate(self, prompts, settings, seeds, n, sources, batch_images, progress):
+        from PIL import Image
+
+        for i, _ in enumerate(prompts):
+            thinks = settings.thinks(edit=sources is not None)
+            yield i, [Image.new("RGB", (32, 32), c) for c in self.colours], \
+                list(self.thoughts) if thinks else [""] * n
+
+
+def test_pairs_made_while_thinking_share_the_best_images_thought(tmp_path):
+    from nextstep.settings import GenerationSettings
+    from nextstep.training.preferences import make_pairs
+
+    # redness: 255 red > 128 red > 0 red; the worst image overall (blue) thought otherwise.
+    stub = ThinkingStub([(128, 0, 0), (255, 0, 0), (0, 0, 255), (0, 0, 0)], ["a", "b", "c", "b"])
+    think = GenerationSettings(hw=(32, 32), think=True)
+    summary = make_pairs(stub, ["a red circle"], [0], 4, think, redness, tmp_path / "t")
+    (line,) = [json.loads(x) for x in (tmp_path / "t" / "pairs.jsonl").read_text().splitlines()]
+    assert line["thought"] == "b" and line["seeds"] == [1, 3] and summary["pairs"] == 1
+    assert read_pairs(tmp_path / "t" / "pairs.jsonl")[0].thought == "b"
+    # Without thinking for this kind (think is text to image's), the worst of all images, no thought.
+    make_pairs(stub, ["make it red"], [0], 4, think, redness, tmp_path / "e", sources=[None])
+    (line,) = [json.loads(x) for x in (tmp_path / "e" / "pairs.jsonl").read_text().splitlines()]
+    assert "thought" not in line and line["seeds"] == [1, 2]
+    # A best image drawn after an empty thought makes no pair (a row cannot hold it), and is counted.
+    empty = ThinkingStub([(128, 0, 0), (255, 0, 0)], ["a", ""])
+    assert make_pairs(empty, ["a red circle"], [0], 2, think, redness, tmp_path / "x")["empty_thoughts"] == 1
+    with pytest.raises(ValueError, match="true images were not drawn after a thought"):
+        make_pairs(stub, ["a red circle"], [0], 4, think, redness, tmp_path / "y",
+                   truths=[render_image(scene_for_caption(np.random.default_rng(0), parse_caption("a red circle"),
+                                                          32))])
 
 
 # ---------------------------------------------------------------------- the loss

@@ -35,13 +35,35 @@ def test_think_default_ships_the_best_mode_and_the_cheapest_on_a_tie(tmp_path, m
             "--out", str(tmp_path / "choice.json"), "--write", str(tmp_path / "w.json")]
     assert think_default.main(args) == 0
     choice = json.loads((tmp_path / "choice.json").read_text())
-    rewards = {m: r["reward"] for m, r in choice["modes"].items()}
-    assert set(rewards) == set(think_default.MODES) and all(0 <= r <= 1 for r in rewards.values())
-    assert rewards[choice["chosen"]] == max(rewards.values())
-    assert json.loads((tmp_path / "w.json").read_text()) == {**defaults, **think_default.MODES[choice["chosen"]]}
+    for part in ("t2i", "edits"):
+        rewards = {m: r[f"reward_{part}"] for m, r in choice["modes"].items()}
+        assert set(rewards) == set(think_default.MODES) and all(0 <= r <= 1 for r in rewards.values())
+        if part == "t2i":  # the captions choose among all modes
+            assert rewards[choice["chosen"]["t2i"]] == max(rewards.values())
+    assert json.loads((tmp_path / "w.json").read_text()) == {**defaults, **choice["chosen"]["settings"]}
     monkeypatch.setattr(think_default, "shapes_reward", lambda images, prompts, sources: [0.5] * len(images))
     assert think_default.main(args) == 0
-    assert json.loads((tmp_path / "w.json").read_text())["think"] is False
+    written = json.loads((tmp_path / "w.json").read_text())
+    assert written["think"] is False and written["think_edits"] is False
+
+
+def test_think_default_chooses_captions_and_edits_apart():
+    """Each kind takes its own best mode, but thoughts are sampled one way: the edits may not take
+    a thinking mode whose text settings differ from the captions' thinking winner."""
+    def result(t2i, edits):
+        return {"modes": {m: {"reward_t2i": a, "reward_edits": b} for m, a, b in zip(think_default.MODES, t2i, edits)}}
+
+    # modes: no_think, think (temperature 1), think_greedy
+    picked = think_default.choose(result([0.5, 0.6, 0.7], [0.6, 0.5, 0.4]))
+    assert (picked["t2i"], picked["edits"]) == ("think_greedy", "no_think")
+    assert picked["settings"] == {"think": True, "think_edits": False, "text_temperature": 0.0}
+    picked = think_default.choose(result([0.5, 0.6, 0.7], [0.3, 0.9, 0.4]))  # edits' best is barred
+    assert (picked["t2i"], picked["edits"]) == ("think_greedy", "think_greedy")
+    assert picked["settings"] == {"think": True, "think_edits": True, "text_temperature": 0.0}
+    picked = think_default.choose(result([0.7, 0.6, 0.6], [0.3, 0.9, 0.4]))  # captions don't think
+    assert picked["settings"] == {"think": False, "think_edits": True, "text_temperature": 1.0}
+    picked = think_default.choose(result([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]))  # ties: the cheapest
+    assert picked["settings"] == {"think": False, "think_edits": False}
 
 
 def test_measure_scores_any_settings_with_pass_rates_per_part(monkeypatch):

@@ -8,6 +8,7 @@ trained to think: its thoughts are random text, which is what these mechanics ne
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nextstep.cli import main
 from nextstep.config import NextStepConfig
@@ -174,8 +176,6 @@ def test_the_thought_is_in_the_conditional_row_only(pipe: NextStepPipeline) -> N
 
 
 def test_an_edit_thinks_before_its_target(pipe: NextStepPipeline) -> None:
-    from PIL import Image
-
     source = Image.new("RGB", (64, 64), "red")
     out = pipe("make it blue", image=source, think=True, generator=2, thought_max_tokens=4, source_image="last")
     assert len(out.images) == 1 and len(out.texts) == 1
@@ -184,6 +184,29 @@ def test_an_edit_thinks_before_its_target(pipe: NextStepPipeline) -> None:
     ids = pipe.tokenizer.encode_row(row)
     assert ids[-len(pipe.tokenizer.encode(THOUGHT_OPEN)):] == pipe.tokenizer.encode(THOUGHT_OPEN)
     assert ids.index(pipe.tokenizer.image_area_id) > 0  # the source block stands before the thought
+
+
+def test_think_is_for_text_to_image_and_think_edits_for_edits(pipe: NextStepPipeline, monkeypatch) -> None:
+    """A model may plan captions and not edits: each kind reads its own setting, and a call's `think=`
+    (the CLI's and the API's `--think`/`think`) asks for its own kind."""
+    source = Image.new("RGB", (64, 64), "red")
+    written = []
+    write_thoughts = pipe.write_thoughts
+    monkeypatch.setattr(pipe, "write_thoughts",
+                        lambda prompts, *a: written.append(prompts) or write_thoughts(prompts, *a))
+    captions_only = pipe.settings.with_overrides(think=True, thought_max_tokens=4, source_image="last")
+    ((_, edited, thoughts),) = list(pipe.iter_generate(["make it blue"], captions_only, [2], images=[source]))
+    assert written == [] and thoughts == [""]
+    plain = pipe("make it blue", image=source, generator=2, source_image="last")
+    assert edited[0].tobytes() == plain.images[0].tobytes()
+    ((_, _, thoughts),) = list(pipe.iter_generate(["a red circle"], captions_only, [2]))
+    assert written == [["a red circle"]]
+    edits_only = captions_only.with_overrides(think=False, think_edits=True)
+    ((_, edited, thoughts),) = list(pipe.iter_generate(["make it blue"], edits_only, [2], images=[source]))
+    assert written[1:] == [["make it blue"]]
+    asked = pipe("make it blue", image=source, think=True, generator=2, thought_max_tokens=4, source_image="last")
+    assert asked.texts == thoughts and asked.images[0].tobytes() == edited[0].tobytes()
+    assert pipe("a red circle", generator=2, think_edits=True).texts == [""] and len(written) == 3
 
 
 # ---------------------------------------------------------------------- CLI and server
@@ -238,3 +261,14 @@ def test_api_returns_each_thought_as_revised_prompt(pipe: NextStepPipeline) -> N
         r = httpx.post(served.url + "/v1/images/generations", json={**body, "think": False},
                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         assert [d["revised_prompt"] for d in r.json()["data"]] == [None, None]
+        # An edit's `think` form field is the edits' setting (think_edits).
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+        source = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        edit_s = pipe.settings.with_overrides(think_edits=True)
+        ((_, _, thoughts),) = list(pipe.iter_generate(["make it blue"], edit_s, [5], n=1, images=[source]))
+        r = httpx.post(served.url + "/v1/images/edits", headers={"Authorization": f"Bearer {API_KEY}"},
+                       data={"prompt": "make it blue", "seed": "5", "think": "true"},
+                       files={"image": ("s.png", buf.getvalue(), "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [d["revised_prompt"] for d in r.json()["data"]] == thoughts

@@ -129,15 +129,18 @@ def add_settings_args(p: argparse.ArgumentParser, edit: bool) -> None:
             g.add_argument(flag, dest=field, default=None, help=text, **kwargs)
 
 
-def add_think_args(p: argparse.ArgumentParser) -> None:
-    """The self-CoT flags (`--think` and how thoughts are sampled)."""
+def add_think_args(p: argparse.ArgumentParser, edit: bool) -> None:
+    """The self-CoT flags (`--think` and how thoughts are sampled); an edit command's `--think` is
+    the `think_edits` setting."""
     g = p.add_argument_group("thinking (default: the model's own, from its generation_defaults.json)")
     for flag, field, kwargs, text in THINK_FLAGS:
+        field = "think_edits" if edit and field == "think" else field
         g.add_argument(flag, dest=field, default=None, help=text, **kwargs)
 
 
 def settings_from_args(pipe: Any, args: argparse.Namespace) -> GenerationSettings:
-    given = {field: getattr(args, field, None) for _, field, _, _ in SETTING_FLAGS + THINK_FLAGS}
+    fields = [field for _, field, _, _ in SETTING_FLAGS + THINK_FLAGS] + ["think_edits"]
+    given = {field: getattr(args, field, None) for field in fields}
     return pipe.settings.with_overrides(**given)
 
 
@@ -322,5 +325,6 @@ def generate_and_write(pipe: Any, args: argparse.Namespace, single: bool, rows: 
     n = args.num_images
     for i, images, thoughts in pipe.iter_generate(prompts, settings, [r["seed"] for r in rows], n, sources,
                                                   batch_images=args.batch_size * n, progress=True):
-        write_results(images, *output_paths(args, single, rows[i]["id"]), thoughts if settings.think else None)
+        thinks = settings.thinks(edit=sources is not None)
+        write_results(images, *output_paths(args, single, rows[i]["id"]), thoughts if thinks else None)
     return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..io.atomic import atomic_write
-from .common import (add_model_args, add_settings_args, check_positive, check_seed, command_group, load_pipeline,
-                     settings_from_args)
+from .common import (add_model_args, add_settings_args, add_think_args, check_positive, check_seed, command_group,
+                     load_pipeline, settings_from_args)
 
 if TYPE_CHECKING:
     from ..shapes.dataset import ShapesConfig
@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "instructions), sample -n images for each with the model, score them with --reward (default: "
                     "the shapes checker, partial credit for captions) and pair the best against the worst image "
                     "of every prompt whose scores differ. Writes OUT/images/*.png and OUT/pairs.jsonl (one line "
-                    "per pair: prompt, chosen, rejected, source for edits, scores, seeds), the file a "
-                    "`stage = \"dpo\"` config names in [dpo] pairs. Prompt i's images come from seeds "
+                    "per pair: prompt, chosen, rejected, source for edits, thought with --think, scores, seeds), the "
+                    "file a `stage = \"dpo\"` config names in [dpo] pairs. Prompt i's images come from seeds "
                     "seed + i*n + k.")
     p.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--num", type=int, required=True, help="number of prompts")
@@ -99,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace pairs already in --out")
     add_model_args(p)
     add_settings_args(p, edit=True)
+    add_think_args(p, edit=False)  # with --edits, --think is the edits' setting
     p.set_defaults(run=run_preferences)
 
 
@@ -188,6 +189,8 @@ def run_preferences(args: argparse.Namespace) -> int:
     reward = load_reward(args.reward)
     pipe = load_pipeline(args)
     settings = settings_from_args(pipe, args)
+    if args.edits and args.think is not None:  # --think asks for the kind of prompt drawn
+        settings = settings.with_overrides(think_edits=args.think)
     height, width = settings.hw
     if height != width:
         raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
@@ -207,8 +210,9 @@ def run_preferences(args: argparse.Namespace) -> int:
     truths = [load_rgb(_png(render_image(s.scene))) for s in samples] if args.chosen == "truth" else None
     summary = make_pairs(pipe, prompts, seeds, n, settings, reward, out, sources, extra,
                          batch_images=args.batch_size * n, progress=sys.stderr.isatty(), truths=truths)
+    skipped = f", {summary['empty_thoughts']} skipped for an empty thought" if summary["empty_thoughts"] else ""
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['images']} images, mean score "
-          f"{summary['mean_score']:.3f}, {summary['perfect']:.1%} perfect): {summary['file']}")
+          f"{summary['mean_score']:.3f}, {summary['perfect']:.1%} perfect{skipped}): {summary['file']}")
     return 0
 
 

@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser, out: str, unit: str, edit: bool) -> None
                           f"from it (default: the benchmark's standard set)")
     p.add_argument("--batch-size", type=int, default=16, help=f"{unit}s per model call (default 16)")
     add_settings_args(p, edit=edit)
-    add_think_args(p)  # --think: the report adds each image's thought and how well thoughts are followed
+    add_think_args(p, edit)  # --think: the report adds each image's thought and how well thoughts are followed
 
 
 def register(sub: argparse._SubParsersAction) -> None:

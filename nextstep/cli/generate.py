@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_seed_arg(p)
     add_model_args(p)
     add_settings_args(p, edit=False)
-    add_think_args(p)
+    add_think_args(p, edit=False)
     p.set_defaults(run=run)
 
 

@@ -302,7 +302,7 @@ def create_app(engine: Engine, api_keys: Iterable[str] = (), limits: Limits | No
                                 timesteps_shift=timesteps_shift, step_schedule=step_schedule, sampler=sampler,
                                 noise_level=noise_level,
                                 use_norm=use_norm, context_noise_std=context_noise_std, source_image=source_image,
-                                think=think)
+                                think_edits=think)  # an edit's `think` is the edits' setting
         source = await read_upload(image, settings.hw)
         return await run(request, prompt, n, seed, settings, source)
 

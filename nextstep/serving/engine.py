@@ -21,11 +21,11 @@ no slot and cause no model work. When a shared call fails, each of its jobs is
 run alone, so only a job that fails by itself gets the error (with its type:
 a ValueError stays a ValueError, for the API to answer 400).
 
-A job with `settings.think` (self-CoT, docs/self-cot.md) runs twice: first its
-thought is written, batched with jobs of the same settings and thought-prompt
-length; then it goes back to the front of the queue with the key of its image
-prompt (prompt + thought), so it only shares an image call with jobs whose
-prompt rows have that same length. Its image carries the thought in
+A job that thinks (`settings.think`, or `think_edits` for an edit; self-CoT, docs/self-cot.md)
+runs twice: first its thought is written, batched with jobs of the same settings
+and thought-prompt length; then it goes back to the front of the queue with the
+key of its image prompt (prompt + thought), so it only shares an image call with
+jobs whose prompt rows have that same length. Its image carries the thought in
 `image.info["thought"]`.
 """
 
@@ -70,7 +70,7 @@ class Job:
     @property
     def thinking(self) -> bool:
         """Whether the job's next model call writes its thought."""
-        return self.settings.think and self.thought is None
+        return self.settings.thinks(edit=self.image is not None) and self.thought is None
 
 
 class Engine:
@@ -104,7 +104,7 @@ class Engine:
         `image` it is an edit. The prompt is plain text. Raises QueueFull when they do not fit
         (Draining once `drain` has begun), ValueError for bad input."""
         self.pipe.check_inputs(prompt, image, 1, settings, plain=True)
-        if settings.think:  # first the thought, after the prompt's row up to THOUGHT_OPEN
+        if settings.thinks(edit=image is not None):  # first the thought, after the prompt's row up to THOUGHT_OPEN
             row = self.pipe.thought_prompt(prompt, image, settings)
             key = ("thought", settings, image is not None, len(self.pipe.tokenizer.encode_row(row)))
         else:

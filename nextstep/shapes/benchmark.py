@@ -23,7 +23,7 @@ distinct images each score rests on. With `out`, the report goes to
 per prompt (for edits: the source first, grey border), each image framed green
 (passed) or red (failed).
 
-With `settings.think` (self-CoT, docs/self-cot.md) the model writes a thought
+With `settings.think` (`think_edits` for edits; self-CoT, docs/self-cot.md) the model writes a thought
 before each image; the report records every image's thought and adds, per
 category and overall (the mean over categories), the share of images that agree
 with their thought (`image_agrees_with_thought`: the detected objects' colours,
@@ -146,7 +146,7 @@ def _run(pipe: NextStepPipeline, kind: str, instances: list[Instance], n: int, s
         results = [inst.judge(im) for im in images]
         row = {**inst.record, "seed": inst.seed, "passed": [r.passed for r in results],
                "reasons": [r.reason for r in results], "off_palette": [off_palette(r) for r in results]}
-        if settings.think:
+        if settings.thinks(edit=sources is not None):
             row.update(_judge_thoughts(inst, results, thoughts))
         framed = ([(inst.source, None)] if inst.source is not None else []) + \
             [(im, r.passed) for im, r in zip(images, results)]

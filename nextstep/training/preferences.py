@@ -8,11 +8,13 @@ A pair file is JSONL, one pair a line:
 
 `prompt` is the caption (or, with `source`, the edit instruction); `chosen` is the
 preferred image, `rejected` the other; relative paths are relative to the pair
-file's folder. Other keys (scores, a category) are allowed and ignored. The
-chosen and rejected images of a pair must have the same size: DPO compares
-them at the same noise. The whole file is checked when it is opened (every
-line parses, every image exists and is readable), and all problems are named at
-once, so a bad file fails before any compute.
+file's folder. An optional `thought` (self-CoT, docs/self-cot.md) is the text both
+images were drawn after: their rows read prompt + THOUGHT_OPEN + thought. Other
+keys (scores, a category) are allowed and ignored. The chosen and rejected images
+of a pair must have the same size: DPO compares them at the same noise. The whole
+file is checked when it is opened (every line parses, every image exists and is
+readable), and all problems are named at once, so a bad file fails before any
+compute.
 
 Which pairs a step trains on is a function of (seed, step) alone: the pairs are
 walked in a seeded order, a new order each epoch, `batch_size` pairs per step.
@@ -59,6 +61,7 @@ class Pair:
     chosen: Path
     rejected: Path
     source: Path | None = None
+    thought: str | None = None  # both images were drawn after it (self-CoT)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -96,7 +99,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 problems.append(f"{where}: missing {missing} (a pair needs {list(REQUIRED)}, and 'source' "
                                 "for an edit)")
                 continue
-            bad = [k for k in (*REQUIRED, "source") if k in obj and not (isinstance(obj[k], str) and obj[k].strip())]
+            bad = [k for k in (*REQUIRED, "source", "thought")
+                   if k in obj and not (isinstance(obj[k], str) and obj[k].strip())]
             if bad:
                 problems.append(f"{where}: {bad} must be non-empty strings")
                 continue
@@ -117,7 +121,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
                                 "at the same noise, so both must have one size)")
             if len(sizes) == len(files):
                 pairs.append(Pair(len(pairs), number, obj["prompt"], files["chosen"], files["rejected"],
-                                  files.get("source")))
+                                  files.get("source"), obj.get("thought")))
     if problems:
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
         raise PreferenceError(f"preference file {path}: {len(problems)} problem(s): "
@@ -175,12 +179,14 @@ def pair_batch(pairs: list[Pair], collator: Collator) -> dict[str, Any]:
     for side in ("chosen", "rejected"):
         for pair in pairs:
             image = _pixels(getattr(pair, side), side, pair)
-            key = f"{pair.index}:{side}"
+            sample = {"key": f"{pair.index}:{side}"}
+            if pair.thought is not None:
+                sample["plan"] = pair.thought  # the collator's name for text between prompt and image
             if pair.source is None:
-                samples.append({"key": key, "caption": pair.prompt, "pixels": image})
+                sample.update(caption=pair.prompt, pixels=image)
             else:
-                samples.append({"key": key, "instruction": pair.prompt, "target": image,
-                                "source": _pixels(pair.source, "source", pair)})
+                sample.update(instruction=pair.prompt, target=image, source=_pixels(pair.source, "source", pair))
+            samples.append(sample)
     batch = collator(samples)
     if batch["skipped"]:
         first = batch["skipped"][0].split(":")[0]
@@ -204,6 +210,11 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
     scores differ: OUT/images/*.png, then OUT/pairs.jsonl (atomically, last). `extra[i]` is merged
     into prompt i's line. Returns a summary (counts, mean score, share of perfect scores).
 
+    Where `settings` think for the prompts' kind, a pair's two images were drawn after one thought,
+    which its line records: the rejected image is the worst of those that share the best image's
+    thought (greedy thoughts, `text_temperature=0`, give every image of a caption the same one), and
+    a prompt whose best image had an empty thought gives no pair.
+
     With `truths` (a true image for every prompt, such as the shapes renderer's), the chosen image is
     prompt i's truth and the rejected its worst sample, for every prompt whose worst sample scores below
     1: the model's own failures against what it should have drawn, so prompts where every sample fails
@@ -215,7 +226,9 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
         raise ValueError(f"a pair needs at least {least} image(s) per prompt, got n={n}")
     if truths is not None and len(truths) != len(prompts):
         raise ValueError(f"{len(truths)} true images for {len(prompts)} prompts")
-    settings = settings.with_overrides(think=False)  # a pair line holds no thought (docs/post-training.md)
+    thinking = settings.thinks(edit=sources is not None)
+    if thinking and truths is not None:
+        raise ValueError("true images were not drawn after a thought: make truth pairs without thinking")
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     lines: dict[int, dict[str, Any]] = {}
     all_scores: list[float] = []
@@ -224,13 +237,18 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
         atomic_write(out / IMAGES / name, lambda tmp: image.save(tmp, format="PNG"))
         return f"{IMAGES}/{name}"
 
-    for i, images, _ in pipe.iter_generate(list(prompts), settings, list(seeds), n, sources, batch_images,
-                                           progress):
+    unwritable = 0  # prompts whose best image had an empty thought
+    for i, images, thoughts in pipe.iter_generate(list(prompts), settings, list(seeds), n, sources, batch_images,
+                                                  progress):
         source = None if sources is None else sources[i]
         scores = checked_scores(reward(images, [prompts[i]] * n, [source] * n), n, "reward")
         all_scores += scores
         best = max(range(n), key=lambda k: scores[k])  # the first of equals: a function of the seeds
-        worst = min(range(n), key=lambda k: scores[k])
+        thought = thoughts[best] if thinking else None
+        if thought == "":
+            unwritable += 1  # a training row cannot hold an empty thought
+            continue
+        worst = min((k for k in range(n) if thoughts[k] == thoughts[best]), key=lambda k: scores[k])
         if truths is not None:
             if scores[worst] >= 1.0:
                 continue  # every sample is right
@@ -243,10 +261,12 @@ def make_pairs(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, 
                 "rejected": save(images[worst], f"{i:06d}_rejected.png")}
         if source is not None:
             line["source"] = save(source, f"{i:06d}_source.png")
+        if thought is not None:
+            line["thought"] = thought
         lines[i] = {**line, "scores": [best_score, scores[worst]],
                     "seeds": [best_seed, (seeds[i] + worst) % SEED_MODULUS], **(extra[i] if extra else {})}
     text = "".join(json.dumps(lines[i]) + "\n" for i in sorted(lines))
     atomic_write(out / PAIR_FILE, lambda tmp: Path(tmp).write_text(text))
-    return {"prompts": len(prompts), "images": len(all_scores), "pairs": len(lines),
+    return {"prompts": len(prompts), "images": len(all_scores), "pairs": len(lines), "empty_thoughts": unwritable,
             "mean_score": sum(all_scores) / len(all_scores),
             "perfect": sum(s == 1.0 for s in all_scores) / len(all_scores), "file": str(out / PAIR_FILE)}

@@ -7,9 +7,13 @@ training distribution, never the benchmark's prompt sets), makes one image per
 prompt at the generation defaults `D.json` in each mode of `MODES` (no thinking;
 thoughts sampled at temperature 1; greedy thoughts), and scores each image with
 the GRPO reward (`rewards.shapes_reward`: the fraction of a caption's checks that
-hold, or the edit checker's pass). The mode with the highest mean reward wins; a
-tie goes to the earlier mode (no thinking is the cheapest). CHOICE.json records
-the numbers; W.json is D.json with the winner's settings, the file to ship.
+hold, or the edit checker's pass). Text to image and edits are chosen apart
+(`think` and `think_edits`: a model may draw better after a plan for one and not
+the other): for each kind the mode with the highest mean reward on its half
+wins, a tie going to the earlier mode (no thinking is the cheapest); the edits
+choose among the modes whose thoughts are sampled as the captions' winner's
+(the text_* settings are shared). CHOICE.json records the numbers; W.json is
+D.json with the winners' settings, the file to ship.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from .rewards import shapes_reward
 
 # The candidates, cheapest first: each is a set of generation settings over the defaults.
 MODES: dict[str, dict[str, Any]] = {
-    "no_think": {"think": False},
-    "think": {"think": True, "text_temperature": 1.0},
-    "think_greedy": {"think": True, "text_temperature": 0.0},
+    "no_think": {"think": False, "think_edits": False},
+    "think": {"think": True, "think_edits": True, "text_temperature": 1.0},
+    "think_greedy": {"think": True, "think_edits": True, "text_temperature": 0.0},
 }
 
 
@@ -65,6 +69,25 @@ def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_pro
     return result
 
 
+def choose(result: dict[str, Any], modes: dict[str, dict[str, Any]] = MODES) -> dict[str, Any]:
+    """The mode of each kind from `measure`'s result (see the module doc): {"t2i": name, "edits":
+    name, "settings": the generation settings they make together}."""
+    rows, names = result["modes"], list(modes)
+
+    def best(part: str, allowed: list[str]) -> str:
+        return max(allowed, key=lambda m: (rows[m][f"reward_{part}"], -names.index(m)))
+
+    def text(m: str) -> dict[str, Any]:
+        return {k: v for k, v in modes[m].items() if k.startswith("text_")}
+
+    t2i = best("t2i", names)
+    clash = [m for m in names if modes[t2i]["think"] and modes[m]["think_edits"] and text(m) != text(t2i)]
+    edits = best("edits", [m for m in names if m not in clash])
+    thinking = t2i if modes[t2i]["think"] else edits
+    settings = {"think": modes[t2i]["think"], "think_edits": modes[edits]["think_edits"], **text(thinking)}
+    return {"t2i": t2i, "edits": edits, "settings": settings}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="a finished run's export folder")
@@ -81,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     pipe = NextStepPipeline.from_pretrained(args.export, dtype=defaults.get("cpu_dtype"), device="cpu")
     pipe.settings = pipe.settings.with_overrides(**{k: v for k, v in defaults.items() if k != "cpu_dtype"})
     result = measure(pipe, args.prompts, args.seed, pipe.settings.hw[0], args.dark_prob)
-    chosen = {**defaults, **MODES[result["chosen"]]}
+    result["chosen"] = choose(result)
+    chosen = {**defaults, **result["chosen"]["settings"]}
     for path, data in ((args.out, result), (args.write, chosen)):
         atomic_write(path, lambda tmp, d=data: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
     for name, r in result["modes"].items():
         print(f"{name:>12}: reward {r['reward']:.3f} (captions {r['reward_t2i']:.3f}, edits {r['reward_edits']:.3f}), "
               f"passed {r['passed']:.3f}, {r['seconds_per_image']:.3f} s per image")
-    print(f"chosen: {result['chosen']} {MODES[result['chosen']]}")
+    picked = result["chosen"]
+    print(f"chosen: text to image {picked['t2i']}, edits {picked['edits']}: {picked['settings']}")
     return 0
 
 
