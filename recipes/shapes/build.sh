@@ -11,31 +11,44 @@ done_stage() { [ -e "$(grep -m1 '^out_dir' "$1" | cut -d'"' -f2)/DONE" ]; }
 for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order
     done_stage "$stage" || nextstep train "$stage" --resume
 done
-# five rounds of DPO (17 to 21), each on preference pairs of the previous stage's own samples
-# (2048 captions and 2048 edits of the world, 4 images each, best against worst by the checker;
-# round 21 draws its captions as the benchmark's categories name colours);
-# 17-grpo and 17-plan are alternatives to stage 17 that are not shipped
-# (22-plan and 23-plan, planning from stage 21, are not built either: docs/self-cot.md)
-for round in "17 16-long-cycle 18" "18 17-dpo 19" "19 18-dpo 20" "20 19-dpo 21" "21 20-dpo 22"; do
-    set -- $round   # stage, the model it starts from, the prompts' seed
-    stage=recipes/shapes/$1-dpo.toml
-    if ! done_stage "$stage"; then
-        # sampled at the generation defaults the model ships with (a training export has none)
-        cp recipes/shapes/generation_defaults.json "runs/shapes/$2/export/"
-        for kind in t2i edits; do
-            out=runs/shapes/$1-pairs-$kind
-            [ -e "$out/pairs.jsonl" ] && continue
-            if [ $kind = edits ]; then extra="--edits --dark-prob 0.4"; else extra="--dark-prob 0.3"; fi
-            if [ $kind = t2i ] && [ "$1" -ge 21 ]; then extra="$extra --benchmark-colours"; fi
-            nextstep data preferences --model "runs/shapes/$2/export" --out "$out" --num 2048 --seed "$3" $extra --overwrite
-        done
-        nextstep train "$stage" --resume
-    fi
+# A round of DPO: preference pairs of the previous stage's own samples (2048 captions and 2048 edits
+# of the world, 4 images each, best against worst by the checker), then the stage.
+dpo_round() {  # stage, the model it starts from, the prompts' seed, then flags for the caption pairs
+    local stage=recipes/shapes/$1-dpo.toml from=runs/shapes/$2/export seed=$3 pairs=runs/shapes/$1-pairs
+    shift 3
+    done_stage "$stage" && return
+    # sampled at the generation defaults the model ships with (a training export has none)
+    cp recipes/shapes/generation_defaults.json "$from/"
+    [ -e "$pairs-t2i/pairs.jsonl" ] || nextstep data preferences --model "$from" --out "$pairs-t2i" \
+        --num 2048 --seed "$seed" --dark-prob 0.3 "$@" --overwrite
+    [ -e "$pairs-edits/pairs.jsonl" ] || nextstep data preferences --model "$from" --out "$pairs-edits" \
+        --num 2048 --seed "$seed" --dark-prob 0.4 --edits --overwrite
+    nextstep train "$stage" --resume
+}
+# five rounds of DPO (17 to 21); round 21 draws its captions as the benchmark's categories name colours.
+# 17-grpo and 17-plan are alternatives to stage 17 that are not shipped.
+dpo_round 17 16-long-cycle 18
+dpo_round 18 17-dpo 19
+dpo_round 19 18-dpo 20
+dpo_round 20 19-dpo 21
+dpo_round 21 20-dpo 22 --benchmark-colours
+# planning (self-CoT, docs/self-cot.md): stages 22 and 23 put a plan before the captions' images,
+# then four rounds of DPO (24 to 27) on caption pairs drawn after the model's own greedy thoughts
+for stage in recipes/shapes/22-plan.toml recipes/shapes/23-plan.toml; do
+    done_stage "$stage" || nextstep train "$stage" --resume
 done
-# ship stage 21 (on the dark-trained VAE, which its export carries), keeping the model card that
+for round in "24 23-plan 25" "25 24-dpo 26" "26 25-dpo 27" "27 26-dpo 28"; do
+    dpo_round $round --benchmark-colours --think --text-temperature 0
+done
+# whether it thinks by default, for captions and for edits apart, chosen on a training stream
+defaults=runs/shapes/27-dpo/generation_defaults.json
+[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/27-dpo/export \
+    --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
+    --out runs/shapes/27-dpo/think_default.json --write "$defaults"
+# ship stage 27 (on the dark-trained VAE, which its export carries), keeping the model card that
 # ships with it (the only copy in the repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/21-dpo/export nextstep/assets/shapes \
-    --defaults recipes/shapes/generation_defaults.json --card nextstep/assets/shapes/MODEL_CARD.md
+python -m nextstep.training.ship runs/shapes/27-dpo/export nextstep/assets/shapes \
+    --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
 echo "built in $(( ($(date +%s) - start) / 60 )) minutes"
