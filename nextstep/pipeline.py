@@ -218,9 +218,9 @@ class NextStepPipeline(TextWriter):
         Every image is its own request (its prompt, its seed), and a model call only stacks
         requests whose prompt rows have the same length, so nothing is padded for a neighbour:
         an image is the same whatever else is generated with it, or in what order.
-        With `settings.think` (`think_edits` for edits) every image's thought is written first (with the image's seed,
-        see nextstep/thinking.py), and the image is drawn from its prompt + THOUGHT_OPEN +
-        thought; without, each thought is ""."""
+        With `settings.think` (`think_edits` for edits) every image's thought is written first
+        (with the image's seed, see nextstep/thinking.py), and the image is drawn from its prompt
+        + THOUGHT_OPEN + thought; without, each thought is ""."""
         s = settings or self.settings
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         # Plain text: users' prompts cannot spell special tokens or place the source image.
