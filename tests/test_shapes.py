@@ -139,7 +139,7 @@ def test_raster_order_names_first_the_object_the_tokens_reach_first():
     assert 20 < swapped < 80  # about half of the ~100 two-object captions were named the other way
 
 
-def test_raster_order_is_a_data_option_of_shapes_captions(tmp_path):
+def test_raster_order_and_benchmark_colours_are_data_options_of_shapes_captions(tmp_path):
     from nextstep.errors import ConfigError
     from nextstep.training.config import TrainConfig
     from nextstep.training.sources import open_source
@@ -153,6 +153,18 @@ def test_raster_order_is_a_data_option_of_shapes_captions(tmp_path):
     assert open_source(source, 0, "data.sources[0]", rank=0, world_size=1).config.raster_order
     with pytest.raises(ConfigError, match=r"data.sources\[0\].raster_order \(only for shapes captions, not edits\)"):
         config('{ kind = "shapes", edits = true, raster_order = true }').check()
+    # benchmark_colours: the benchmark's colour naming per category (the world's rule names each colour
+    # with chance 0.5), so every color_attr caption names both colours.
+    named = open_source(config('{ kind = "shapes", benchmark_colours = true }').data.sources[0], 0, "s", rank=0,
+                        world_size=1)
+    assert named.config.colour_prob is None
+    plain = open_source(config('{ kind = "shapes" }').data.sources[0], 0, "s", rank=0, world_size=1)
+    assert plain.config.colour_prob == 0.5
+    captions = [make_sample(named.config, i) for i in range(200)]
+    attr = [c.caption for c in captions if c.category == "color_attr"]
+    assert attr and all(sum(o.colour is not None for o in parse_caption(t).objects) == 2 for t in attr)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].benchmark_colours \(only for shapes captions"):
+        config('{ kind = "shapes", edits = true, benchmark_colours = true }').check()
 
 
 @pytest.mark.parametrize("text", [

@@ -68,6 +68,10 @@ class DataSource:
     # shapes: two-object captions name first the object that the image's tokens reach first (row by
     # row), so the decoder knows which object it starts; either order describes the scene
     raster_order: bool = False
+    # shapes: captions name colours as the benchmark's categories do (`color_attr` both objects',
+    # `colors` the one object's, the others none; `nextstep data preferences --benchmark-colours`)
+    # instead of each object's colour with chance 0.5
+    benchmark_colours: bool = False
     path: str = ""  # files: folder, manifest or shard pattern
     resolution: int = 256  # files: bucket base resolution
     task: str = "t2i"  # files: "t2i" or "edit"
@@ -278,9 +282,10 @@ class TrainConfig:
             elif s.plan_prob and s.kind != "shapes":
                 problems.append(f"data.sources[{i}].plan_prob={s.plan_prob} (only shapes sources have plans; "
                                 f"kind={s.kind!r})")
-            if s.raster_order and (s.kind != "shapes" or s.edits):
-                problems.append(f"data.sources[{i}].raster_order (only for shapes captions, not "
-                                f"{'edits' if s.kind == 'shapes' else repr(s.kind)})")
+            for option in ("raster_order", "benchmark_colours"):
+                if getattr(s, option) and (s.kind != "shapes" or s.edits):
+                    problems.append(f"data.sources[{i}].{option} (only for shapes captions, not "
+                                    f"{'edits' if s.kind == 'shapes' else repr(s.kind)})")
             if not s.weight > 0:
                 problems.append(f"data.sources[{i}].weight={s.weight} (must be > 0)")
         if self.init_from:

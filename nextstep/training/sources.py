@@ -25,7 +25,8 @@ def open_source(source: DataSource, seed: int, key: str, shuffle: bool = True, r
         try:
             return ShapesDataset(size=source.size, seed=seed, edits=source.edits, dark_prob=source.dark_prob,
                                  rank=rank, world_size=world_size, plan_prob=source.plan_prob,
-                                 raster_order=source.raster_order)
+                                 raster_order=source.raster_order,
+                                 **({"colour_prob": None} if source.benchmark_colours else {}))
         except ValueError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
     local = "://" not in source.path and "{" not in source.path
