@@ -323,8 +323,8 @@ def generate_and_write(pipe: Any, args: argparse.Namespace, single: bool, rows: 
     if not single:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     n = args.num_images
+    thinks = settings.thinks(edit=sources is not None)
     for i, images, thoughts in pipe.iter_generate(prompts, settings, [r["seed"] for r in rows], n, sources,
                                                   batch_images=args.batch_size * n, progress=True):
-        thinks = settings.thinks(edit=sources is not None)
         write_results(images, *output_paths(args, single, rows[i]["id"]), thoughts if thinks else None)
     return 0
