@@ -82,12 +82,14 @@ def stage_for(config_path: Path):
     from nextstep.training import distributed as dist
     from nextstep.training.grpo_stage import GRPOStage
     from nextstep.training.stages import StageContext
-    from nextstep.training.train import build_parts
+    from nextstep.training.train import build_parts, train_only
 
     config = TrainConfig.from_file(config_path)
     config.check()
     device = torch.device("cpu")
     model, tokenizer, vae = build_parts(config, device)
+    if config.train.trainable:
+        train_only(model, config.train.trainable)
     env = dist.Env(0, 1, device)
     return GRPOStage(StageContext(config, env, model, model, tokenizer, vae, devices.autocast(device, None)))
 
@@ -285,6 +287,12 @@ def test_two_ranks_equal_one_process(tiny, tmp_path):
     ({"rollout_settings": "{ cfg_img = 2.0 }"}, "grpo.rollout_settings.cfg_img"),
     ({"edit_fraction": 1.5}, r"grpo.edit_fraction=1.5 \(must be in \[0, 1\]"),
     ({"edit_fraction": 0.5, "prompts": "prompts.txt"}, "grpo.edit_fraction=0.5 with grpo.prompts"),
+    ({"policy": "text"}, "grpo.policy='text' \\(one of \\('image', 'thought'\\)"),
+    ({"policy": "thought", "thought_temperature": 0}, "grpo.thought_temperature=0.0 \\(must be > 0"),
+    ({"policy": "thought", "edit_fraction": 0.5}, "grpo.edit_fraction=0.5 with grpo.policy='thought'"),
+    ({"policy": "thought", "rollout_settings": "{ text_temperature = 0.5 }"}, "grpo.rollout_settings.text_temperature"),
+    ({"policy": "thought"}, "grpo.policy='thought' needs train.trainable"),
+    ({"policy": "thought"}, "grpo.policy='thought' runs in one process \\(2 ranks requested\\)"),
 ])
 def test_bad_grpo_settings_fail_before_any_compute(tiny, tmp_path, setting, message):
     path = write_config(tmp_path, tiny, "bad", 1, **setting)
@@ -378,3 +386,106 @@ def test_an_edit_step_is_scored_by_the_edit_checker_and_logged(tiny, tmp_path):
     s = make_sample(stage.edit_world, 0)
     source = render_image(s.source)
     assert shapes([render_image(s.scene), source], [s.instruction] * 2, [source, source]) == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------- thoughts as the policy
+
+
+def thought_config(folder: Path, model: Path, out: str, steps: int, **grpo) -> Path:
+    """A `policy = "thought"` stage that trains the text head alone (images drawn as at inference)."""
+    path = write_config(folder, model, out, steps, policy="thought", **grpo)
+    path.write_text(path.read_text().replace("[train]\n", '[train]\ntrainable = ["lm_head"]\n'))
+    return path
+
+
+def test_token_log_probs_and_kl_are_the_closed_forms():
+    from nextstep.training.grpo import THOUGHT_END, categorical_kl, token_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits, other = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    T, stops = 0.7, [0, 9]
+    got = token_log_probs(logits, torch.tensor([2, THOUGHT_END, 7]), T, stops)
+    rows = [[math.exp(v / T) for v in row] for row in logits.tolist()]
+    expected = [math.log(rows[0][2] / sum(rows[0])), math.log((rows[1][0] + rows[1][9]) / sum(rows[1])),
+                math.log(rows[2][7] / sum(rows[2]))]
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    p, q = torch.distributions.Categorical(logits=logits / T), torch.distributions.Categorical(logits=other / T)
+    torch.testing.assert_close(categorical_kl(logits, other, T), torch.distributions.kl_divergence(p, q))
+
+
+def test_thought_log_probs_equal_the_sampling_path(tiny, tmp_path):
+    """The teacher-forced pass gives each written token (and each early end) the log-probability the
+    KV-cache sampling loop gave it, within 1e-5 in float32."""
+    from nextstep.training.grpo import token_log_probs
+
+    stage = stage_for(thought_config(tmp_path, tiny, "lp", 1, thought_temperature=0.8))
+    s, pipe = stage.settings, stage.pipe
+    rows = [pipe.thought_prompt("a red circle above a blue square", None, s)] * 6
+    trace: dict = {}
+    written = pipe.write(rows, [None] * 6, list(range(6)), s, pipe.special_ids, 64, trace=trace)
+    assert any(0 < len(w) < s.thought_max_tokens for w in written), [len(w) for w in written]  # some end early
+    vocab = len(stage.ctx.tokenizer)
+    expected = []
+    for r, w in enumerate(written):
+        for t, token in enumerate(w + ([-1] if len(w) < s.thought_max_tokens else [])):
+            expected.append(token_log_probs(trace["logits"][t][r:r + 1, :vocab], torch.tensor([token]), 0.8,
+                                            pipe.special_ids)[0])
+    with torch.no_grad():
+        logp, _, row_of = stage.thought_log_probs(rows, written)
+    assert row_of.tolist() == [r for r, w in enumerate(written) for _ in range(len(w) + (len(w) < s.thought_max_tokens))]
+    torch.testing.assert_close(logp, torch.stack(expected), rtol=0, atol=1e-5)
+
+
+def test_a_thought_step_raises_the_better_thoughts_and_moves_only_the_text_head(tiny, tmp_path):
+    """One step's gradient, taken, makes the thoughts with positive advantages likelier than those with
+    negative ones; nothing but the text head gets a gradient; a 2-step run changes only `lm_head`."""
+    from nextstep.training.grpo import group_advantages
+    from nextstep.training.train import train
+
+    stage = stage_for(thought_config(tmp_path, tiny, "step", 1, group_size=4, prompts_per_step=2))
+    seen = {}
+    write, reward = stage.pipe.write, stage.reward
+
+    def first_write(rows, *args, **kwargs):
+        out = write(rows, *args, **kwargs)
+        seen.setdefault("rows", rows)
+        seen.setdefault("written", out)
+        return out
+
+    stage.pipe.write = first_write
+    stage.reward = lambda images, prompts, sources: seen.setdefault("scores", reward(images, prompts, sources))
+    model = stage.ctx.model
+    sums = stage.accumulate_gradients(0)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["lm_head.weight"]
+    advantages, keep = group_advantages(torch.tensor(seen["scores"]), 4, 1.0)
+    assert keep.any(), seen["scores"]
+    record = stage.metrics(sums)
+    assert record["thought_tokens"] == sum(map(len, seen["written"])) / 8 and "reward_mean" in record
+
+    def per_row() -> torch.Tensor:
+        with torch.no_grad():
+            logp, _, rows = stage.thought_log_probs(seen["rows"], seen["written"])
+        return torch.zeros(8).index_add_(0, rows, logp)
+
+    before = per_row()
+    with torch.no_grad():
+        model.lm_head.weight -= 0.05 * model.lm_head.weight.grad
+    assert float((advantages * (per_row() - before)).sum()) > 0
+
+    init = load_file(str(tiny / "model.safetensors"))
+    config = TrainConfig.from_file(thought_config(tmp_path, tiny, "run", 2, group_size=4, prompts_per_step=2))
+    after = load_file(str(train(config) / "model.safetensors"))
+    assert sorted(k for k in init if not torch.equal(init[k], after[k])) == ["lm_head.weight"]
+    assert all("thought_tokens" in m and "reward_mean" in m for m in metrics(tmp_path / "run"))
+
+
+def test_benchmark_colours_reach_the_step_prompts(tiny, tmp_path):
+    """A shapes source with `benchmark_colours` gives captions named as the benchmark's categories name colours."""
+    from nextstep.shapes.dataset import ShapesConfig, make_sample
+
+    path = write_config(tmp_path, tiny, "bc", 1, prompts_per_step=6)
+    path.write_text(path.read_text() + '[data]\nsources = [{ kind = "shapes", benchmark_colours = true }]\n')
+    got = [p.text for p in stage_for(path).prompts(1)]
+    world = ShapesConfig(seed=0, dark_prob=0.2, colour_prob=None)
+    assert got == [make_sample(world, 6 + j).caption for j in range(6)]
+    assert got != [make_sample(ShapesConfig(seed=0, dark_prob=0.2), 6 + j).caption for j in range(6)]

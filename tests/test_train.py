@@ -165,6 +165,30 @@ def test_loss_goes_down(tmp_path, ref10, capsys):
         assert not (tmp_path / "refused").exists()
 
 
+def test_trainable_freezes_every_other_parameter(tmp_path, ref10):
+    """`train.trainable = ["lm_head"]`: the text head moves, every other weight stays bit for bit, so
+    the images a frozen decoder and flow head draw after a given text are the ones they drew before."""
+    from safetensors.torch import load_file
+
+    from nextstep.training.train import build_parts, train
+
+    torch.set_num_threads(1)
+    config = TrainConfig.from_file(write_config(tmp_path, ref10 / "vae", steps=3))
+    config.train.trainable = ["lm_head"]
+    start, _, _ = build_parts(config, torch.device("cpu"))  # the seeded initial weights train() starts from
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    after = load_file(train(config) / "model.safetensors")
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert moved == ["lm_head.weight"]
+    assert metrics(tmp_path / "run")[-1]["im_loss"] > 0  # the image loss is still computed and logged
+
+    config = TrainConfig.from_file(write_config(tmp_path, ref10 / "vae", out="typo", steps=3))
+    config.train.trainable = ["lm_haed"]
+    with pytest.raises(ConfigError, match="train.trainable: 'lm_haed' names no parameter of the model "
+                                          r"\(its parts: .*lm_head"):
+        train(config)
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):
     whole = write_config(tmp_path, ref10 / "vae", out="whole")
     run_train(whole)
@@ -217,6 +241,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[data]\nsources = [{ kind = "shapes", dark_prob = 1.5 }]\n', "data.sources[0].dark_prob=1.5 (must be in [0, 1])"),
     ("[train]\ncontext_noise = -0.1\n", "train.context_noise=-0.1 (must be a number >= 0)"),
     ('[init_blend]\npath = "."\nweight = 0.3\n', "init_blend needs init_from"),
+    ('[train]\ntrainable = [""]\n', "train.trainable=[''] (parameter names or prefixes"),
     ('init_from = "."\n[init_blend]\npath = "."\nweight = 1.0\n', "init_blend.weight=1.0 (must be between 0 and 1"),
     ('init_from = "."\n[model]\nconfig = { hidden_size = 64, fm_head_batch_mul = 8 }\n',
      "model.config sets ['hidden_size'], which the init_from model fixes"),

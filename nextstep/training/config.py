@@ -135,6 +135,9 @@ class TrainSection:
     # unset ones are the model's defaults (nextstep/settings.py).
     sample_settings: dict[str, Any] = field(default_factory=dict)
     tensorboard: bool = True
+    # The parameters this stage trains, by name or name prefix (["lm_head"], ["layers.5", "norm"]);
+    # the rest stay frozen (no gradient, no optimizer state). Empty: all of them.
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,6 +249,9 @@ class TrainConfig:
         elif self.train.context_noise and self.stage in ("dpo", "grpo"):
             problems.append(f"train.context_noise={self.train.context_noise} (stage={self.stage!r} reads clean "
                             "tokens: its log-probabilities or errors are compared with another pass; set 0)")
+        if not all(isinstance(p, str) and p.strip(".") for p in self.train.trainable):
+            problems.append(f"train.trainable={self.train.trainable!r} (parameter names or prefixes, "
+                            "such as \"lm_head\")")
         try:  # checked against the official defaults; the model's size is filled in when sampling
             GenerationSettings().with_overrides(**self.train.sample_settings)
         except (TypeError, ValueError) as e:
@@ -324,6 +330,12 @@ class TrainConfig:
         if world_size >= 1 and self.grpo.prompts_per_step % world_size:
             problems.append(f"grpo.prompts_per_step={self.grpo.prompts_per_step} is not divisible by "
                             f"{world_size} ranks")
+        if self.grpo.policy == "thought":
+            if not self.train.trainable:
+                problems.append("grpo.policy='thought' needs train.trainable, the parts the thoughts' log-"
+                                "probabilities train (e.g. [\"lm_head\"]: a given thought is then drawn as before)")
+            if world_size > 1:
+                problems.append(f"grpo.policy='thought' runs in one process ({world_size} ranks requested)")
         first = self.data.sources[0] if self.data.sources else None
         if self.grpo.prompts:
             if not Path(self.grpo.prompts).is_file():

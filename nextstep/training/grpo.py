@@ -15,19 +15,28 @@ its prompt's group. KL between two Gaussians of one sigma is closed-form:
 ||mu - mu_ref||^2 / (2 sigma^2) (averaged over the dimensions, like logp).
 Groups whose rewards are all equal (no signal) or whose mean is above
 `reject_mean_above` are dropped before the update (online rejection).
+
+With `policy = "thought"` the actions are instead the tokens of the thought
+each image is drawn after (self-CoT, docs/self-cot.md): sampled at
+`thought_temperature`, log-probability log softmax(logits / T) of the token
+written (the end of the thought: of writing any special token there), the
+image drawn after it as at inference; the same advantages weight the tokens.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+THOUGHT_END = -1  # in a thought's tokens: it ended here (wrote a special token) rather than at its length limit
 NO_GUIDANCE = 1.0  # the guidance scale that means none: rollouts sample the plain conditional model
 GRPO_SAMPLERS = ("sde", "cps")  # the stochastic samplers whose steps are Gaussian transitions
+GRPO_POLICIES = ("image", "thought")  # what the rewards train: the flow head's steps or the thought's tokens
 ADVANTAGE_EPS = 1e-4  # keeps (r - mean) / (std + eps) finite for groups of nearly equal rewards
 
 
@@ -53,6 +62,11 @@ class GRPOSection:
     # The share of a step's prompts that are edits of the shapes world (drawn per (seed, step, prompt));
     # shapes-world prompts only, not with a `prompts` file.
     edit_fraction: float = 0.0
+    # What the rewards train: "image" (the stochastic flow steps of each image token, NextStep-GRPO)
+    # or "thought" (the tokens of the thought each image is drawn after; the images are drawn as at
+    # inference, guidance included, and `train.trainable` names what learns, e.g. ["lm_head"]).
+    policy: str = "image"
+    thought_temperature: float = 1.0  # policy = "thought": the temperature thoughts are sampled at
 
     def problems(self) -> list[str]:
         """What is wrong with this [grpo] table, one 'grpo.KEY=VALUE (why)' item per problem."""
@@ -73,8 +87,24 @@ class GRPOSection:
             problems.append(f"grpo.sampler={self.sampler!r} (one of {GRPO_SAMPLERS}: a stochastic sampler)")
         if self.noise_level is not None and not 0 < self.noise_level <= 1:
             problems.append(f"grpo.noise_level={self.noise_level} (must be in (0, 1]: 0 leaves nothing to learn)")
+        if self.policy not in GRPO_POLICIES:
+            problems.append(f"grpo.policy={self.policy!r} (one of {GRPO_POLICIES})")
+        elif self.policy == "thought":
+            if not 0 < self.thought_temperature < math.inf:
+                problems.append(f"grpo.thought_temperature={self.thought_temperature} (must be > 0: a greedy "
+                                "thought has no probabilities to train)")
+            if self.edit_fraction:
+                problems.append(f"grpo.edit_fraction={self.edit_fraction} with grpo.policy='thought' (thoughts "
+                                "are trained on captions)")
+            if self.step_fraction != 1:
+                problems.append(f"grpo.step_fraction={self.step_fraction} with grpo.policy='thought' (it "
+                                "chooses flow steps; every token of a thought is trained)")
+            for key in ("think", "text_temperature", "text_top_k", "text_top_p"):
+                if key in self.rollout_settings:
+                    problems.append(f"grpo.rollout_settings.{key} (grpo.policy='thought' samples every "
+                                    "thought at grpo.thought_temperature, from the whole vocabulary)")
         for key in ("cfg", "cfg_img", "sampler", "noise_level"):
-            if key in self.rollout_settings:
+            if key in self.rollout_settings and self.policy == "image":
                 problems.append(f"grpo.rollout_settings.{key} (rollouts use no guidance; set grpo.sampler "
                                 "and grpo.noise_level instead)")
         if not 0 <= self.edit_fraction <= 1:
@@ -125,3 +155,23 @@ def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_r
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped), (ratio - 1).abs() > clip_range
+
+
+def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float, stop_ids: Sequence[int]) -> Tensor:
+    """log-probability (float32) of each written token under softmax(logits / temperature).
+
+    logits: (N, V) at the positions that wrote `tokens` (N,); a token THOUGHT_END is the end of the
+    text, whose probability is that of writing any of `stop_ids` there.
+    """
+    logp = (logits.float() / temperature).log_softmax(-1)
+    end = tokens == THOUGHT_END
+    written = logp.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
+    ending = logp[:, list(stop_ids)].logsumexp(-1)
+    return torch.where(end, ending, written)
+
+
+def categorical_kl(logits: Tensor, logits_ref: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(logits / T) || softmax(logits_ref / T)) of each row, in float32."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    logq = (logits_ref.float() / temperature).log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)

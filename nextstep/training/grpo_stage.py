@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..pipeline import NextStepPipeline
+from ..pipeline import BATCH_IMAGES, NextStepPipeline
 from ..sampling.requests import GenerationRequest
 from ..settings import SEED_MODULUS
 from ..shapes.dataset import ShapesConfig, make_sample
@@ -31,7 +31,8 @@ from ..shapes.grammar import parse_instruction
 from ..shapes.renderer import render_image
 from ..shapes.world import CATEGORIES, EDIT_OPS
 from . import distributed as dist
-from .grpo import NO_GUIDANCE, clipped_objective, gaussian_kl, group_advantages
+from .grpo import (NO_GUIDANCE, THOUGHT_END, categorical_kl, clipped_objective, gaussian_kl, group_advantages,
+                   token_log_probs)
 from .rewards import checked_scores, load_reward
 from .rollout import Rollout, rollout, transition_log_probs, transition_means
 from .stages import StageContext, init_defaults, reference_model
@@ -62,9 +63,13 @@ class GRPOStage:
         if "source_image" not in defaults:  # a training export has no defaults file: edits go where training put them
             own = own.with_overrides(source_image=config.data.source_image)
         own = own.with_overrides(**g.rollout_settings)
-        noise_level = own.noise_level if g.noise_level is None else g.noise_level
-        self.settings = own.with_overrides(cfg=NO_GUIDANCE, cfg_img=NO_GUIDANCE, sampler=g.sampler,
-                                           noise_level=noise_level, think=False)  # rollouts hold no thought
+        if g.policy == "thought":  # images drawn as at inference, after thoughts sampled from the whole vocabulary
+            self.settings = own.with_overrides(think=True, text_temperature=g.thought_temperature, text_top_k=0,
+                                               text_top_p=1.0)
+        else:
+            noise_level = own.noise_level if g.noise_level is None else g.noise_level
+            self.settings = own.with_overrides(cfg=NO_GUIDANCE, cfg_img=NO_GUIDANCE, sampler=g.sampler,
+                                               noise_level=noise_level, think=False)  # rollouts hold no thought
         self.reward = load_reward(g.reward)
         self.reference = reference_model(config, env.device) if g.kl_weight > 0 else None
         self.prompt_lines: list[str] = []
@@ -73,17 +78,19 @@ class GRPOStage:
             if not self.prompt_lines:
                 raise ValueError(f"grpo.prompts={g.prompts!r} holds no prompts")
         else:
-            dark_prob = config.data.sources[0].dark_prob
-            self.world = ShapesConfig(seed=config.seed, dark_prob=dark_prob)
+            first = config.data.sources[0]
+            dark_prob = first.dark_prob
+            self.world = ShapesConfig(seed=config.seed, dark_prob=dark_prob,
+                                      **({"colour_prob": None} if first.benchmark_colours else {}))
             if g.edit_fraction > 0:  # the sources are drawn at the rollouts' size: an edit keeps its size
                 h, w = self.settings.hw
                 if h != w:
                     raise ValueError(f"grpo.edit_fraction={g.edit_fraction} needs square rollouts (the shapes "
                                      f"world's images are square), got hw={self.settings.hw}")
                 self.edit_world = ShapesConfig(size=h, seed=config.seed, edits=True, dark_prob=dark_prob)
-        # The text head is never scored here: frozen, so that every trained parameter has a gradient
-        # and optimizer state (a checkpoint's optimizer state must cover every parameter it trains).
-        if not ctx.model.config.tie_word_embeddings:
+        # The text head is never scored by the image policy: frozen, so that every trained parameter has
+        # a gradient and optimizer state (a checkpoint's optimizer state must cover every parameter it trains).
+        if g.policy == "image" and not ctx.model.config.tie_word_embeddings:
             ctx.model.lm_head.requires_grad_(False)
         self.forward_hidden = ctx.model.forward_hidden
         if env.distributed:  # run forward_hidden through FSDP's hooks (all-gather, gradient reduce-scatter)
@@ -167,6 +174,8 @@ class GRPOStage:
         ctx, env, g = self.ctx, self.ctx.env, self.grpo
         everything = self.prompts(step)
         mine = everything[env.rank::env.world_size]
+        if g.policy == "thought":
+            return self.thought_gradients(step, mine)
         ro = self.sample(self.request(step, mine, self.width(everything)))
         images = self.pipe.decode_tokens(ro.tokens, ro.grid)
         rows = [p for p in mine for _ in range(g.group_size)]  # the prompt of each image
@@ -198,8 +207,13 @@ class GRPOStage:
         (loss * env.world_size).backward()  # FSDP averages the ranks' gradients
         sums["loss"] = loss.item()
         sums["clipped"] = float((clipped & keep.to(device)[:, None, None]).sum())
+        return self.reward_sums(sums, rows, rewards, keep, mine)
 
-        sums.update(samples=float(len(images)), images=float(len(images)), reward=float(rewards.sum()),
+    def reward_sums(self, sums: dict[str, float], rows: list[StepPrompt], rewards: torch.Tensor,
+                    keep: torch.Tensor, mine: list[StepPrompt]) -> dict[str, float]:
+        """`sums` with the step's reward statistics: over all images, per category and per task."""
+        g = self.grpo
+        sums.update(samples=float(len(rows)), images=float(len(rows)), reward=float(rewards.sum()),
                     reward_sq=float(rewards.pow(2).sum()), groups=float(len(mine)),
                     rejected_groups=float(len(mine) - int(keep.sum()) // g.group_size))
         passed, values = (rewards == 1.0).tolist(), rewards.tolist()
@@ -214,6 +228,71 @@ class GRPOStage:
             sums[f"reward_{task}"] = float(sum(r for r, m in zip(values, mask) if m))
         return sums
 
+    def thought_gradients(self, step: int, mine: list[StepPrompt]) -> dict[str, float]:
+        """`policy = "thought"`: G thoughts per caption (image k of prompt j with seed (seed, step, j) + k,
+        as `pipe.generate` seeds them), each image drawn after its thought and scored; the advantages
+        weight the log-probabilities of the thoughts' tokens, recomputed in one teacher-forced pass."""
+        ctx, g, s = self.ctx, self.grpo, self.settings
+        G, pipe, device = g.group_size, self.pipe, ctx.env.device
+        bases = [draw_seed(ctx.config.seed, step, "rollout", p.j) % SEED_MODULUS for p in mine]
+        rows = [p for p in mine for _ in range(G)]
+        prompt_rows = [pipe.thought_prompt(p.text, None, s) for p in rows]
+        seeds = [(b + k) % SEED_MODULUS for b in bases for k in range(G)]
+        was_training = ctx.model.training
+        ctx.model.eval()
+        written = pipe.write(prompt_rows, [None] * len(rows), seeds, s, pipe.special_ids, BATCH_IMAGES)
+        images: list[Image.Image | None] = [None] * len(rows)
+        for i, group, thoughts in pipe.iter_generate([p.text for p in mine], s, bases, G, batch_images=BATCH_IMAGES):
+            for k, (image, thought) in enumerate(zip(group, thoughts)):
+                if thought != pipe.thought_text(written[i * G + k]):  # the same seeds write the same text
+                    raise RuntimeError(f"thought {i * G + k} of step {step} differs between its two writings")
+                images[i * G + k] = image
+        ctx.model.train(was_training)
+        scores = self.reward(images, [p.text for p in rows], [None] * len(rows))
+        rewards = torch.tensor(checked_scores(scores, len(rows), g.reward))
+        advantages, keep = group_advantages(rewards, G, g.reject_mean_above)
+
+        logp, logits, row_of = self.thought_log_probs(prompt_rows, written)
+        kept = float(keep.sum())
+        weight = (advantages.to(device) * keep.to(device))[row_of] / max(kept, 1.0)
+        loss = -(weight * logp).sum()  # on-policy: one update per rollout, so the ratio is 1
+        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "terms": float(keep.to(device)[row_of].sum()),
+                "thought_tokens": float(sum(map(len, written)))}
+        if self.reference is not None:
+            with torch.no_grad():
+                _, ref, _ = self.thought_log_probs(prompt_rows, written, self.reference)
+            per_token = keep.to(device)[row_of].float() / max(sums["terms"], 1.0)
+            kl = (categorical_kl(logits, ref, g.thought_temperature) * per_token).sum()
+            loss = loss + g.kl_weight * kl
+            sums["kl"] = kl.item() * sums["terms"]
+        loss.backward()
+        sums["loss"] = loss.item()
+        return self.reward_sums(sums, rows, rewards, keep, mine)
+
+    def thought_log_probs(self, prompt_rows: list, written: list[list[int]], model: torch.nn.Module | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probabilities of the thoughts `written` after `prompt_rows` (the policy's,
+        or `model`'s): each row is its prompt + thought, right-padded, and the position before each
+        token scores it (and, where the thought ended early, its end). Returns the log-probabilities
+        (float32, one per token), the logits they came from and each token's row."""
+        ctx, s = self.ctx, self.settings
+        device, tokenizer = ctx.env.device, ctx.tokenizer
+        forward_hidden = self.forward_hidden if model is None else model.forward_hidden
+        lm_head = ctx.model.lm_head if model is None else model.lm_head
+        encoded = [tokenizer.encode_row(r) for r in prompt_rows]
+        sequences = [e + w for e, w in zip(encoded, written)]
+        targets = [w + ([THOUGHT_END] if len(w) < s.thought_max_tokens else []) for w in written]
+        width = max(map(len, sequences))
+        input_ids = torch.tensor([q + [tokenizer.pad_id] * (width - len(q)) for q in sequences], device=device)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in sequences], device=device)
+        rows, positions = torch.tensor([(r, len(e) - 1 + t) for r, (e, y) in enumerate(zip(encoded, targets))
+                                        for t in range(len(y))], device=device).T
+        tokens = torch.tensor([t for y in targets for t in y], device=device)
+        vocab = len(tokenizer)  # an official head is padded past the vocabulary: those ids are never written
+        with ctx.autocast:
+            logits = lm_head(forward_hidden(input_ids, mask)[rows, positions])[:, :vocab].float()
+        return token_log_probs(logits, tokens, self.grpo.thought_temperature, self.pipe.special_ids), logits, rows
+
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = sums["images"]
         mean = sums["reward"] / n
@@ -223,6 +302,8 @@ class GRPOStage:
                "rejected_groups": sums["rejected_groups"], "groups": sums["groups"]}
         if self.reference is not None:
             out["kl"] = sums["kl"] / sums["terms"] if sums["terms"] else 0.0
+        if "thought_tokens" in sums:
+            out["thought_tokens"] = sums["thought_tokens"] / n  # per image
         for kind in [*CATEGORIES, *(f"edit_{op}" for op in EDIT_OPS)]:
             if sums[f"n_{kind}"]:
                 out[f"pass_{kind}"] = sums[f"pass_{kind}"] / sums[f"n_{kind}"]

@@ -25,11 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import devices
 from ..config import NextStepConfig
+from ..errors import ConfigError
 from ..io import load_model
 from ..io.atomic import atomic_write
 from ..io.checkpoint import load_language_model
@@ -132,6 +134,20 @@ def build_parts(config: TrainConfig, device: torch.device, env: dist.Env | None 
     return model, tokenizer, vae
 
 
+def train_only(model: nn.Module, trainable: list[str]) -> None:
+    """Freeze every parameter of `model` but those named, or under a prefix named, in `trainable`."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in trainable:
+        p = prefix.strip(".")
+        if not any(n == p or n.startswith(p + ".") for n in names):
+            parts = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"train.trainable: {prefix!r} names no parameter of the model (its parts: "
+                              f"{', '.join(parts)})")
+    keep = tuple(p.strip(".") for p in trainable)
+    for n, param in model.named_parameters():
+        param.requires_grad_(any(n == p or n.startswith(p + ".") for p in keep))
+
+
 def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, config: TrainConfig,
                  path: Path) -> None:
     """A row of images for the fixed sample prompts, as one PNG."""
@@ -169,10 +185,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     autocast = devices.autocast(device, autocast_dtype)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing = True
+    if config.train.trainable:
+        train_only(model, config.train.trainable)
     trained = dist.wrap(model, env, config.distributed)
 
     # What differs between stage kinds (data or rollouts, loss, metrics): see `stages.py`.
     stage = make_stage(StageContext(config, env, model, trained, tokenizer, vae, autocast))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{config.source or 'training config'}: stage={config.stage!r} trains none of "
+                          f"train.trainable={config.train.trainable} (this stage kind freezes some parts itself)")
     o = config.optim
     optimizer = adamw(trained.parameters(), o)
     sample_dtype = autocast_dtype or torch.float32  # of rank 0's copy under torchrun
