@@ -40,14 +40,18 @@ done
 for round in "24 23-plan 25" "25 24-dpo 26" "26 25-dpo 27" "27 26-dpo 28"; do
     dpo_round $round --benchmark-colours --think --text-temperature 0
 done
+# GRPO on the thoughts (the text head alone), its rollouts drawn at the generation defaults
+cp recipes/shapes/generation_defaults.json runs/shapes/27-dpo/export/
+done_stage recipes/shapes/28-thought-grpo.toml || nextstep train recipes/shapes/28-thought-grpo.toml --resume
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream
-defaults=runs/shapes/27-dpo/generation_defaults.json
-[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/27-dpo/export \
+defaults=runs/shapes/28-thought-grpo/generation_defaults.json
+cp recipes/shapes/generation_defaults.json runs/shapes/28-thought-grpo/export/
+[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/28-thought-grpo/export \
     --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
-    --out runs/shapes/27-dpo/think_default.json --write "$defaults"
-# ship stage 27 (on the dark-trained VAE, which its export carries), keeping the model card that
+    --out runs/shapes/28-thought-grpo/think_default.json --write "$defaults"
+# ship stage 28 (on the dark-trained VAE, which its export carries), keeping the model card that
 # ships with it (the only copy in the repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/27-dpo/export nextstep/assets/shapes \
+python -m nextstep.training.ship runs/shapes/28-thought-grpo/export nextstep/assets/shapes \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
