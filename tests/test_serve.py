@@ -267,8 +267,10 @@ def test_a_poisoned_request_in_a_shared_call_fails_alone(served, client, monkeyp
     the others get the PNGs they get alone, the poisoned one a clear error."""
     pipe = served.engine.pipe
     good = ["a red circle", "a blue square", "a purple square"]
-    poison = "a green triangle"  # as many tokens as the good ones, so all four can share a call
-    alone = [generate(client, p, seed=5)[0] for p in good]
+    # As many tokens as the good ones, so all four can share a call; without thoughts, whose lengths
+    # (and so whether rows share a call) depend on the shipped model.
+    poison = "a green triangle"
+    alone = [generate(client, p, seed=5, think=False)[0] for p in good]
     green = pipe.tokenizer.encode(poison, plain=True)[1]
     assert all(green not in pipe.tokenizer.encode(p, plain=True) for p in good)
     real, calls = pipe.sample_tokens, []
@@ -285,7 +287,8 @@ def test_a_poisoned_request_in_a_shared_call_fails_alone(served, client, monkeyp
     monkeypatch.setattr(served.engine, "gather_s", 1.0)
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda p: httpx.post(served.url + "/v1/images/generations", headers=AUTH, timeout=120,
-                                                     json={"prompt": p, "seed": 5, "steps": STEPS}), good + [poison]))
+                                                     json={"prompt": p, "seed": 5, "steps": STEPS, "think": False}),
+                                   good + [poison]))
     assert [r.status_code for r in answers] == [200, 200, 200, 400]
     assert [r.json()["data"][0]["b64_json"] for r in answers[:3]] == alone
     assert "poisons the model call" in answers[3].json()["error"]["message"]
