@@ -211,7 +211,8 @@ class NextStepPipeline(TextWriter):
 
     def iter_generate(self, prompts: Sequence[str], settings: GenerationSettings | None = None,
                       seeds: Sequence[int] | None = None, n: int = 1, images: Sequence[Image.Image] | None = None,
-                      batch_images: int = BATCH_IMAGES, progress: bool = False
+                      batch_images: int = BATCH_IMAGES, progress: bool = False,
+                      thoughts: Sequence[Sequence[str]] | None = None
                       ) -> Iterator[tuple[int, list[Image.Image], list[str]]]:
         """`generate`, yielding (prompt index, its n images, their n thoughts) as each prompt is done.
 
@@ -220,7 +221,9 @@ class NextStepPipeline(TextWriter):
         an image is the same whatever else is generated with it, or in what order.
         With `settings.think` (`think_edits` for edits) every image's thought is written first
         (with the image's seed, see nextstep/thinking.py), and the image is drawn from its prompt
-        + THOUGHT_OPEN + thought; without, each thought is ""."""
+        + THOUGHT_OPEN + thought; without, each thought is "". `thoughts` ([prompt][k], where the
+        settings think) are drawn after instead of written: a plan of one's own, or thoughts already
+        written with `write_thoughts`."""
         s = settings or self.settings
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         # Plain text: users' prompts cannot spell special tokens or place the source image.
@@ -230,10 +233,16 @@ class NextStepPipeline(TextWriter):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         if batch_images < 1:
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
-        thoughts = [[""] * n for _ in prompts]
         think = s.thinks(edit=images is not None)
-        if think:
+        if thoughts is not None:
+            if not think or len(thoughts) != len(prompts) or any(len(t) != n for t in thoughts):
+                raise ValueError(f"thoughts: {n} for each of the {len(prompts)} prompts, with settings that "
+                                 "think for them")
+            thoughts = [list(t) for t in thoughts]
+        elif think:
             thoughts = self.write_thoughts(prompts, images, seeds, n, s, batch_images)
+        else:
+            thoughts = [[""] * n for _ in prompts]
         jobs: dict[int, list[tuple[int, int]]] = {}  # prompt length -> [(prompt, k)], in order
         for i, p in enumerate(prompts):
             for k in range(n):

@@ -175,6 +175,20 @@ def test_the_thought_is_in_the_conditional_row_only(pipe: NextStepPipeline) -> N
     assert drawn.tobytes() == images[0].tobytes()
 
 
+def test_given_thoughts_are_drawn_as_written_ones_would_be(pipe: NextStepPipeline) -> None:
+    s = pipe.settings.with_overrides(think=True, thought_max_tokens=5)
+    ((_, written_images, written),) = list(pipe.iter_generate(["a red circle"], s, [3], n=2))
+    ((_, images, thoughts),) = list(pipe.iter_generate(["a red circle"], s, [3], n=2, thoughts=[written]))
+    assert thoughts == written and [im.tobytes() for im in images] == [im.tobytes() for im in written_images]
+    ((_, planned, thoughts),) = list(pipe.iter_generate(["a red circle"], s, [3], n=2,
+                                                        thoughts=[["red circle top left", written[1]]]))
+    assert thoughts == ["red circle top left", written[1]]
+    assert planned[0].tobytes() != written_images[0].tobytes() and planned[1].tobytes() == written_images[1].tobytes()
+    for bad, settings in (([["one"]], s), ([written], pipe.settings.with_overrides(think=False))):
+        with pytest.raises(ValueError, match="thoughts: 2 for each of the 1 prompts, with settings that think"):
+            list(pipe.iter_generate(["a red circle"], settings, [3], n=2, thoughts=bad))
+
+
 def test_an_edit_thinks_before_its_target(pipe: NextStepPipeline) -> None:
     source = Image.new("RGB", (64, 64), "red")
     out = pipe("make it blue", image=source, think=True, generator=2, thought_max_tokens=4, source_image="last")

@@ -241,12 +241,11 @@ class GRPOStage:
         was_training = ctx.model.training
         ctx.model.eval()
         written = pipe.write(prompt_rows, [None] * len(rows), seeds, s, pipe.special_ids, BATCH_IMAGES)
+        texts = [pipe.thought_text(w) for w in written]
         images: list[Image.Image | None] = [None] * len(rows)
-        for i, group, thoughts in pipe.iter_generate([p.text for p in mine], s, bases, G, batch_images=BATCH_IMAGES):
-            for k, (image, thought) in enumerate(zip(group, thoughts)):
-                if thought != pipe.thought_text(written[i * G + k]):  # the same seeds write the same text
-                    raise RuntimeError(f"thought {i * G + k} of step {step} differs between its two writings")
-                images[i * G + k] = image
+        for i, group, _ in pipe.iter_generate([p.text for p in mine], s, bases, G, batch_images=BATCH_IMAGES,
+                                              thoughts=[texts[i * G:(i + 1) * G] for i in range(len(mine))]):
+            images[i * G:(i + 1) * G] = group
         ctx.model.train(was_training)
         scores = self.reward(images, [p.text for p in rows], [None] * len(rows))
         rewards = torch.tensor(checked_scores(scores, len(rows), g.reward))
