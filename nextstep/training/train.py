@@ -136,16 +136,18 @@ def build_parts(config: TrainConfig, device: torch.device, env: dist.Env | None 
 
 def train_only(model: nn.Module, trainable: list[str]) -> None:
     """Freeze every parameter of `model` but those named, or under a prefix named, in `trainable`."""
+    def under(name: str, prefix: str) -> bool:
+        p = prefix.strip(".")
+        return name == p or name.startswith(p + ".")
+
     names = [n for n, _ in model.named_parameters()]
     for prefix in trainable:
-        p = prefix.strip(".")
-        if not any(n == p or n.startswith(p + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             parts = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"train.trainable: {prefix!r} names no parameter of the model (its parts: "
                               f"{', '.join(parts)})")
-    keep = tuple(p.strip(".") for p in trainable)
     for n, param in model.named_parameters():
-        param.requires_grad_(any(n == p or n.startswith(p + ".") for p in keep))
+        param.requires_grad_(any(under(n, prefix) for prefix in trainable))
 
 
 def save_samples(model: NextStep, vae: AutoencoderKL, tokenizer: TextTokenizer, config: TrainConfig,
