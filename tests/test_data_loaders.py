@@ -165,6 +165,27 @@ def test_jsonl_loader(tmp_path):
         JsonlDataset(tmp_path / "blank.jsonl")
 
 
+def test_jsonl_plans_reach_the_rows_between_caption_and_image(tmp_path):
+    """A manifest line's optional "plan" (a thought) goes into the sample and the collated row reads
+    caption + THOUGHT_OPEN + plan + image block; a plan that is not text is a skipped line."""
+    from nextstep.text import THOUGHT_OPEN
+
+    _png(tmp_path / "x.png", (32, 32))
+    lines = [json.dumps({"file": "x.png", "caption": "a red circle", "plan": " red circle top left "}),
+             json.dumps({"file": "x.png", "caption": "no plan"}),
+             json.dumps({"file": "x.png", "caption": "bad plan", "plan": 3})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    ds = JsonlDataset(tmp_path / "m.jsonl", resolution=32, shuffle=False)
+    samples = _run(ds)
+    assert [(s["caption"], s.get("plan")) for s in samples] == [("a red circle", "red circle top left"),
+                                                               ("no plan", None)]
+    assert ds.stats["bad plan"] == 1
+    tokenizer = shapes_tokenizer()
+    ids = Collator(tokenizer, token_pixels=16)([{**samples[0], "key": "k"}])["input_ids"][0].tolist()
+    thought = tokenizer.encode(THOUGHT_OPEN) + tokenizer.encode("red circle top left")
+    assert any(ids[i:i + len(thought)] == thought for i in range(len(ids)))
+
+
 def test_edit_triplets_from_folder_and_jsonl(tmp_path):
     root = tmp_path / "edits"
     root.mkdir()

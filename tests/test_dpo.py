@@ -415,3 +415,43 @@ def test_data_preferences_with_chosen_truth_pairs_the_rendered_scene_against_the
         assert np.array_equal(np.asarray(Image.open(tmp_path / "edits" / line["chosen"])),
                               np.asarray(render_image(target)))
         assert line["scores"][1] < 1.0 and (tmp_path / "edits" / line["source"]).is_file()
+
+
+# ---------------------------------------------------------------------- nextstep data thoughts
+def test_data_thoughts_keeps_each_captions_best_image_with_the_thought_it_was_drawn_after(tmp_path, tiny_export,
+                                                                                          capsys):
+    """Each caption's best image is written with its thought, and it is the image the model draws after that
+    thought from its seed; a caption whose best image scores below --min-score gives no example; the
+    manifest is a text-to-image source whose rows carry the thoughts as plans."""
+    from PIL import Image
+
+    from nextstep import NextStepPipeline
+    from nextstep.cli import main
+    from nextstep.data import JsonlDataset
+
+    out = tmp_path / "thoughts"
+    args = ["data", "thoughts", "--model", str(tiny_export), "--out", str(out), "--num", "3", "-n", "2",
+            "--size", "32", "--steps", "2", "--cfg", "1", "--reward", "tests.test_dpo:redness", "--min-score", "0",
+            "--text-temperature", "1", "--thought-max-tokens", "4", "--seed", "5"]
+    assert main(args) == 0
+    assert "3 examples from 3 captions (6 images" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    pipe = NextStepPipeline.from_pretrained(str(tiny_export))
+    settings = pipe.settings.with_overrides(hw=(32, 32), num_sampling_steps=2, cfg=1.0, think=True,
+                                            text_temperature=1.0, thought_max_tokens=4)
+    for line in lines:
+        saved = Image.open(out / line["file"])
+        assert redness([saved], [], []) == [line["score"]] and line["plan"].strip() and line["category"]
+        [(_, [again], _)] = pipe.iter_generate([line["caption"]], settings, [line["seed"]], 1,
+                                               thoughts=[[line["plan"]]])
+        # Drawn alone, not in a batch of 6: the same image up to float rounding (a level or two of a pixel).
+        diff = np.abs(np.asarray(again, dtype=np.int16) - np.asarray(saved, dtype=np.int16))
+        assert diff.max() <= 2
+    samples = [s for s in JsonlDataset(out / "manifest.jsonl", resolution=32, shuffle=False)
+               if "caption" in s]
+    assert sorted(s["plan"] for s in samples) == sorted(x["plan"] for x in lines)
+    # Nothing scores 2: no examples, and the file says so.
+    assert main(args + ["--min-score", "2", "--overwrite"]) == 0
+    assert "0 examples from 3 captions" in capsys.readouterr().out
+    assert (out / "manifest.jsonl").read_text() == ""
+    assert main(args) == 2 and "already holds manifest.jsonl" in capsys.readouterr().err

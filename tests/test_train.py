@@ -189,6 +189,31 @@ def test_trainable_freezes_every_other_parameter(tmp_path, ref10):
         train(config)
 
 
+def test_hold_images_keeps_the_conditions_while_the_text_path_learns(tmp_path, ref10):
+    """`train.hold_images`: the flow-matching loss is replaced by the distance between the flow head's
+    conditions and the frozen init_from model's on the same batch. The distance starts at 0, and with a
+    strong hold it stays far below that of the same stage with a token hold, while the text loss falls
+    in both (same data, same steps: the distance is logged either way)."""
+    from nextstep.training.train import train
+
+    torch.set_num_threads(1)
+    start = train(TrainConfig.from_file(write_config(tmp_path, ref10 / "vae", out="start", steps=2)))
+
+    def stage(out: str, hold: float) -> list[dict]:
+        config = TrainConfig.from_file(write_config(tmp_path, ref10 / "vae", out=out, steps=8))
+        config.init_from, config.model.config = str(start), {}
+        config.train.hold_images, config.train.trainable = hold, ["layers", "norm", "lm_head"]
+        train(config)
+        return metrics(tmp_path / out)
+
+    held, loose = stage("held", 1000.0), stage("loose", 1e-9)
+    assert held[0]["hold_loss"] == 0.0 and loose[0]["hold_loss"] == 0.0
+    for run in (held, loose):
+        assert run[-1]["lm_loss"] < run[0]["lm_loss"]
+    assert loose[-1]["hold_loss"] > 1e-4
+    assert held[-1]["hold_loss"] < loose[-1]["hold_loss"] / 10
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, ref10):
     whole = write_config(tmp_path, ref10 / "vae", out="whole")
     run_train(whole)
@@ -242,6 +267,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ("[train]\ncontext_noise = -0.1\n", "train.context_noise=-0.1 (must be a number >= 0)"),
     ('[init_blend]\npath = "."\nweight = 0.3\n', "init_blend needs init_from"),
     ('[train]\ntrainable = [""]\n', "train.trainable=[''] (parameter names or prefixes"),
+    ("[train]\nhold_images = 1.0\n", "train.hold_images=1.0 (holds the drawing of init_from: a supervised stage "
+                                     "with init_from)"),
     ('init_from = "."\n[init_blend]\npath = "."\nweight = 1.0\n', "init_blend.weight=1.0 (must be between 0 and 1"),
     ('init_from = "."\n[model]\nconfig = { hidden_size = 64, fm_head_batch_mul = 8 }\n',
      "model.config sets ['hidden_size'], which the init_from model fixes"),

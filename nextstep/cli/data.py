@@ -1,5 +1,6 @@
 """`nextstep data ...`: make training data. `nextstep data shapes` writes the shapes world to disk;
-`nextstep data preferences` makes DPO preference pairs from a model's own samples."""
+`nextstep data preferences` makes DPO preference pairs from a model's own samples;
+`nextstep data thoughts` keeps the thoughts after which a model drew its captions right (self-CoT examples)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_settings_args(p, edit=True)
     add_think_args(p, edit=False)  # with --edits, --think is the edits' setting
     p.set_defaults(run=run_preferences)
+
+    t = data_sub.add_parser(
+        "thoughts", help="self-CoT training examples: the thoughts after which a model drew its captions right",
+        description="Draw N captions of the shapes world; for each, the model writes -n thoughts (at "
+                    "--text-temperature) and draws an image after each, --reward scores them (default: the "
+                    "shapes checker), and the best image scoring at least --min-score is kept with its "
+                    "thought. Writes OUT/images/*.png and OUT/manifest.jsonl (file, caption, plan, score, seed, "
+                    "category), a text-to-image manifest that a kind = \"files\" data source reads; see "
+                    "docs/self-cot.md. Caption i's images come from seeds seed + i*n + k.")
+    t.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    t.add_argument("--num", type=int, required=True, help="number of captions")
+    t.add_argument("-n", "--num-images", type=int, default=4, help="thoughts (one image each) per caption "
+                                                                   "(default 4)")
+    t.add_argument("--seed", type=int, default=0, help="world seed of the captions, and first generation seed "
+                                                       "(default 0)")
+    t.add_argument("--min-score", type=float, default=1.0, help="the least reward a kept image has (default 1: "
+                                                                "every check of its caption holds)")
+    t.add_argument("--reward", default="shapes", help="'shapes' or module:function (default shapes)")
+    _add_world_args(t)
+    t.add_argument("--batch-size", type=int, default=16, help="captions per model call (default 16)")
+    t.add_argument("--overwrite", action="store_true", help="replace examples already in --out")
+    add_model_args(t)
+    add_settings_args(t, edit=False)
+    add_think_args(t, edit=False)
+    t.set_defaults(run=run_thoughts, edits=False)
 
 
 def run_shapes(args: argparse.Namespace) -> int:
@@ -213,6 +239,36 @@ def run_preferences(args: argparse.Namespace) -> int:
     skipped = f", {summary['empty_thoughts']} skipped for an empty thought" if summary["empty_thoughts"] else ""
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts ({summary['images']} images, mean score "
           f"{summary['mean_score']:.3f}, {summary['perfect']:.1%} perfect{skipped}): {summary['file']}")
+    return 0
+
+
+def run_thoughts(args: argparse.Namespace) -> int:
+    from ..settings import SEED_MODULUS
+    from ..shapes.dataset import make_sample
+    from ..training.rewards import load_reward
+    from ..training.thought_examples import EXAMPLES_FILE, make_thought_examples
+
+    check_positive(**{"--num": args.num, "-n": args.num_images, "--batch-size": args.batch_size})
+    check_seed(args.seed)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if (out / EXAMPLES_FILE).exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already holds {EXAMPLES_FILE}; pass --overwrite to replace it")
+    reward = load_reward(args.reward)
+    pipe = load_pipeline(args)
+    settings = settings_from_args(pipe, args).with_overrides(think=True)
+    height, width = settings.hw
+    if height != width:
+        raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
+    samples = [make_sample(_world(args, height), k) for k in range(args.num)]
+    n = args.num_images
+    summary = make_thought_examples(
+        pipe, [s.caption for s in samples], [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)], n,
+        settings, reward, out, args.min_score, [{"category": s.category} for s in samples],
+        batch_images=args.batch_size * n, progress=sys.stderr.isatty())
+    print(f"{summary['examples']} examples from {summary['prompts']} captions ({summary['images']} images, mean "
+          f"score {summary['mean_score']:.3f}): {summary['file']}")
     return 0
 
 

@@ -9,7 +9,8 @@ key (`records.split_file_name`): `cat.jpg` + `cat.txt`, or `cat.jpg` +
 `cat.json` {"caption": ...}; for edits `x.source.png` + `x.target.png` + `x.txt`.
 
 JSONL: one JSON object per line. t2i: {"file" (or "image"/"path"): image path,
-"caption" (or "text"/"prompt"): str}; edit: {"source": path, "target": path,
+"caption" (or "text"/"prompt"): str, optional "plan": str, a thought the model learns to write
+between caption and image (docs/self-cot.md)}; edit: {"source": path, "target": path,
 "instruction": str}. Relative paths are relative to the manifest's folder; other
 keys (e.g. "labels") are ignored. The manifest is indexed by byte offsets, so a
 manifest of millions of lines costs 8 bytes a line in memory.
@@ -163,6 +164,10 @@ class JsonlDataset(_ItemDataset):
             value = next((obj[k] for k in self.IMAGE_KEYS if k in obj), None)
             fields["image"] = self._path(value, "image")
             text = next((obj[k] for k in ("caption", "text", "prompt") if isinstance(obj.get(k), str)), None)
+            if "plan" in obj:  # self-CoT: the thought written between the caption and the image
+                if not (isinstance(obj["plan"], str) and obj["plan"].strip()):
+                    raise SkipSample(f"bad plan: expected non-empty text, got {obj['plan']!r}")
+                fields["plan"] = obj["plan"].strip()
         else:
             fields["source"] = self._path(obj.get("source"), "source")
             fields["target"] = self._path(obj.get("target"), "target")

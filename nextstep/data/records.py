@@ -148,14 +148,17 @@ def _image(fields: dict[str, Field], role: str) -> bytes | Path:
 def decode_sample(fields: dict[str, Field], task: str, base: int) -> dict[str, Any]:
     """Role -> value fields of one sample -> the training sample.
 
-    t2i: {"caption", "pixels"}; edit: {"instruction", "source", "target"}.
+    t2i: {"caption", "pixels"} (and "plan" where the fields hold one); edit: {"instruction", "source", "target"}.
     Pixels are (3, h, w) in [-1, 1] at the image's aspect-ratio bucket for
     `base`; an edit's source is fitted to its target's bucket.
     """
     if task == "t2i":
         caption = caption_of(fields)  # text first: it is cheaper to find missing than to decode
         image = load_bucketed(_image(fields, "image"), base)
-        return {"caption": caption, "pixels": to_pixels(np.asarray(image))}
+        sample = {"caption": caption, "pixels": to_pixels(np.asarray(image))}
+        if "plan" in fields:  # a manifest line's thought; the collator checks it is non-empty text
+            sample["plan"] = fields["plan"]
+        return sample
     if task == "edit":
         instruction = instruction_of(fields)
         target = open_image(_image(fields, "target"))

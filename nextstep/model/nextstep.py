@@ -43,6 +43,9 @@ class LossOutput(NamedTuple):
     loss: Tensor
     lm_loss: Tensor
     im_loss: Tensor
+    # The flow head's condition at every image token, in order (N, hidden); None without images.
+    # A stage that holds the drawing compares them with a frozen model's (`[train] hold_images`).
+    conditions: Tensor | None = None
 
 
 class NextStep(nn.Module):
@@ -197,6 +200,7 @@ class NextStep(nn.Module):
         text_h = hidden[~next_is_image]
         lm_loss = F.cross_entropy(self.lm_head(text_h).float(), next_labels[~next_is_image], ignore_index=-100)
 
+        c = None
         if latents is None:
             im_loss = hidden.sum() * 0.0  # keeps every parameter in the graph (DDP/FSDP)
         else:
@@ -204,13 +208,15 @@ class NextStep(nn.Module):
             if condition_with_projector:
                 c = self.image_out_projector(c)
             target = self.image_tokens(latents).to(c.dtype)
-            mask = None
-            if latents_mask is not None:
-                counts = torch.tensor(self._tokens_per_image(latents), device=latents_mask.device)
-                mask = latents_mask.reshape(-1).repeat_interleave(counts)
+            mask = None if latents_mask is None else self.image_token_mask(latents, latents_mask)
             im_loss = self.image_head.loss(target, c, mask, generator, self._tokens_per_image(latents))
         loss = cfg.lm_loss_weight * lm_loss + cfg.im_loss_weight * im_loss
-        return LossOutput(loss, lm_loss, im_loss)
+        return LossOutput(loss, lm_loss, im_loss, c)
+
+    def image_token_mask(self, latents: Tensor | list[Tensor], latents_mask: Tensor) -> Tensor:
+        """`latents_mask` (one 0/1 per image) repeated over each image's tokens: (N,)."""
+        counts = torch.tensor(self._tokens_per_image(latents), device=latents_mask.device)
+        return latents_mask.reshape(-1).repeat_interleave(counts)
 
     def _tokens_per_image(self, latents: Tensor | list[Tensor]) -> list[int]:
         p2 = self.config.latent_patch_size ** 2

@@ -138,6 +138,10 @@ class TrainSection:
     # The parameters this stage trains, by name or name prefix (["lm_head"], ["layers.5", "norm"]);
     # the rest stay frozen (no gradient, no optimizer state). Empty: all of them.
     trainable: list[str] = field(default_factory=list)
+    # Supervised stages: > 0 replaces the flow-matching loss by this weight times the mean squared
+    # distance between the flow head's conditions and those of the frozen `init_from` model, on the
+    # same batch (the drawing held while the text path learns, e.g. to write plans). 0: off.
+    hold_images: float = 0.0
 
 
 @dataclass
@@ -249,6 +253,11 @@ class TrainConfig:
         elif self.train.context_noise and self.stage in ("dpo", "grpo"):
             problems.append(f"train.context_noise={self.train.context_noise} (stage={self.stage!r} reads clean "
                             "tokens: its log-probabilities or errors are compared with another pass; set 0)")
+        if not 0 <= self.train.hold_images < float("inf"):
+            problems.append(f"train.hold_images={self.train.hold_images} (must be a number >= 0)")
+        elif self.train.hold_images and (self.stage in ("dpo", "grpo") or not self.init_from):
+            problems.append(f"train.hold_images={self.train.hold_images} (holds the drawing of init_from: a "
+                            "supervised stage with init_from)")
         if not all(isinstance(p, str) and p.strip(".") for p in self.train.trainable):
             problems.append(f"train.trainable={self.train.trainable!r} (parameter names or prefixes, "
                             "such as \"lm_head\")")

@@ -23,7 +23,7 @@ from ..vae import AutoencoderKL
 from . import distributed as dist
 from .config import TrainConfig
 from .sources import open_source
-from .stages import StageContext
+from .stages import StageContext, reference_model
 
 
 class Batches:
@@ -148,6 +148,8 @@ class SupervisedStage:
         collator = Collator(ctx.tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed,
                             token_pixels=self.token_pixels, source_image=config.data.source_image)
         self.batches = Batches(config, collator, per_rank, env.rank, env.world_size)
+        # `[train] hold_images`: the frozen starting model whose drawing the stage keeps.
+        self.reference = reference_model(config, env.device) if config.train.hold_images else None
 
     def accumulate_gradients(self, step: int) -> dict[str, float]:
         ctx, config, env = self.ctx, self.ctx.config, self.ctx.env
@@ -156,7 +158,7 @@ class SupervisedStage:
         micro_batches = [self.batches.next(step, micro) for micro in range(self.accum)]
         counts = [loss_counts(b, tokenizer.placeholder_id, self.token_pixels) for b in micro_batches]
         total = dist.sum_over_ranks({k: sum(c[k] for c in counts) for k in ("lm", "im")}, env)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "im_loss": 0.0}
+        sums = {"loss": 0.0, "lm_loss": 0.0, "im_loss": 0.0, "hold_loss": 0.0}
         for batch, count in zip(micro_batches, counts):
             latents = sample_latents(ctx.vae, batch["pixel_values"],
                                      image_generators(batch, tokenizer.boi_id, config.seed, step, "vae"))
@@ -173,15 +175,38 @@ class SupervisedStage:
             # because FSDP averages the ranks' gradients.
             lm = losses.lm_loss * share(count["lm"], total["lm"])
             im = losses.im_loss * share(count["im"], total["im"])
-            loss = lm_w * lm + im_w * im
+            if self.reference is None:
+                loss = lm_w * lm + im_w * im
+            else:  # the drawing held: the image term is the distance to the reference's conditions
+                held = self.held_distance(batch, latents, noise, losses.conditions, total["im"], step)
+                loss = lm_w * lm + config.train.hold_images * held
+                sums["hold_loss"] += held.item()
             (loss * env.world_size).backward()
             for k, v in (("loss", loss), ("lm_loss", lm), ("im_loss", im)):
                 sums[k] += v.item()
         sums["samples"] = float(sum(len(b["input_ids"]) for b in micro_batches))
         return sums
 
+    def held_distance(self, batch: dict[str, Any], latents: torch.Tensor | list[torch.Tensor],
+                      noise: torch.Tensor | list[torch.Tensor] | None, conditions: torch.Tensor, total: float,
+                      step: int) -> torch.Tensor:
+        """This pass's share of the global-batch mean squared distance between the trained model's
+        flow-head conditions and the reference's, over the image tokens in the image loss: with the
+        flow head frozen, the same conditions draw the same images, so the text path can learn while
+        the drawing stays as it was (thoughts written anew, each drawn as before)."""
+        ctx, device, boi = self.ctx, self.ctx.env.device, self.ctx.tokenizer.boi_id
+        with torch.no_grad(), ctx.autocast:
+            reference = self.reference(batch["input_ids"].to(device), batch["labels"].to(device), latents,
+                                       batch["latents_mask"].to(device), batch["attention_mask"].to(device),
+                                       generator=image_generators(batch, boi, self.ctx.config.seed, step, "flow"),
+                                       context_noise=noise).conditions
+        mask = self.reference.image_token_mask(latents, batch["latents_mask"].to(device)).float()
+        per_token = (conditions.float() - reference.float()).pow(2).mean(-1)
+        return (per_token * mask).sum() / max(total, 1.0)
+
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {k: sums[k] for k in ("loss", "lm_loss", "im_loss")}
+        keys = ("loss", "lm_loss", "im_loss") + (("hold_loss",) if self.reference is not None else ())
+        return {k: sums[k] for k in keys}
 
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{record['loss']:.4f}", "im": f"{record['im_loss']:.4f}"}

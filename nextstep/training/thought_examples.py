@@ -1,0 +1,57 @@
+"""Thought examples by rejection sampling: the thoughts after which a model drew its captions right.
+
+For each caption the model writes n thoughts (at the settings' `text_temperature`; above 0 they
+differ), draws an image after each as at inference, and a reward scores the images. The best image of
+a caption, if it scores at least `min_score`, becomes a training example: caption, thought and image,
+one line of a text-to-image JSONL manifest (`{"file", "caption", "plan", ...}`) that a `kind =
+"files"` data source reads (the thought as the row's plan). Trained on with the drawing held (`[train]
+hold_images`), the text path learns to write the thoughts its own drawing gets right: rejection-
+sampling fine-tuning, STaR's idea applied to a plan before an image (docs/self-cot.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..io.atomic import atomic_write
+from ..settings import SEED_MODULUS
+from .preferences import IMAGES
+
+EXAMPLES_FILE = "manifest.jsonl"
+
+
+def make_thought_examples(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, settings: Any,
+                          reward: Callable[..., Sequence[float]], out: Path, min_score: float = 1.0,
+                          extra: Sequence[dict[str, Any]] | None = None, batch_images: int = 64,
+                          progress: bool = False) -> dict[str, Any]:
+    """n thoughts and images per caption with `pipe` (image k of caption i from seed seeds[i] + k), scored
+    with `reward(images, prompts, sources)`; each caption's best image (the first of equals) scoring at
+    least `min_score` is written with its thought: OUT/images/*.png, then OUT/manifest.jsonl (atomically,
+    last). `extra[i]` is merged into caption i's line. Returns a summary."""
+    from .rewards import checked_scores
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not settings.thinks(edit=False):
+        raise ValueError("thought examples are drawn after thoughts: use settings that think for captions")
+    (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    lines: dict[int, dict[str, Any]] = {}
+    all_scores: list[float] = []
+    for i, images, thoughts in pipe.iter_generate(list(prompts), settings, list(seeds), n, None, batch_images,
+                                                  progress):
+        scores = checked_scores(reward(images, [prompts[i]] * n, [None] * n), n, "reward")
+        all_scores += scores
+        best = max(range(n), key=lambda k: scores[k])
+        if scores[best] < min_score or not thoughts[best].strip():
+            continue
+        name = f"{i:06d}.png"
+        atomic_write(out / IMAGES / name, lambda tmp, im=images[best]: im.save(tmp, format="PNG"))
+        lines[i] = {"file": f"{IMAGES}/{name}", "caption": prompts[i], "plan": thoughts[best],
+                    "score": scores[best], "seed": (seeds[i] + best) % SEED_MODULUS, **(extra[i] if extra else {})}
+    text = "".join(json.dumps(lines[i]) + "\n" for i in sorted(lines))
+    atomic_write(out / EXAMPLES_FILE, lambda tmp: Path(tmp).write_text(text))
+    return {"prompts": len(prompts), "images": len(all_scores), "examples": len(lines),
+            "mean_score": sum(all_scores) / len(all_scores), "file": str(out / EXAMPLES_FILE)}
