@@ -207,20 +207,13 @@ def run_preferences(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be >= 2 (a pair is the best and the worst of a prompt's images; with "
                          f"--chosen truth, 1 will do), got {args.num_images}")
     check_seed(args.seed)
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if (out / PAIR_FILE).exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already holds {PAIR_FILE}; pass --overwrite to replace it")
+    out = _output_folder(args, PAIR_FILE)
     reward = load_reward(args.reward)
     pipe = load_pipeline(args)
     settings = settings_from_args(pipe, args)
     if args.edits and args.think is not None:  # --think asks for the kind of prompt drawn
         settings = settings.with_overrides(think_edits=args.think)
-    height, width = settings.hw
-    if height != width:
-        raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
-    config = _world(args, height)
+    config = _world(args, _square_side(settings))
     samples = [make_sample(config, k) for k in range(args.num)]
     n = args.num_images
     seeds = [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)]
@@ -250,18 +243,11 @@ def run_thoughts(args: argparse.Namespace) -> int:
 
     check_positive(**{"--num": args.num, "-n": args.num_images, "--batch-size": args.batch_size})
     check_seed(args.seed)
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if (out / EXAMPLES_FILE).exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already holds {EXAMPLES_FILE}; pass --overwrite to replace it")
+    out = _output_folder(args, EXAMPLES_FILE)
     reward = load_reward(args.reward)
     pipe = load_pipeline(args)
     settings = settings_from_args(pipe, args).with_overrides(think=True)
-    height, width = settings.hw
-    if height != width:
-        raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
-    samples = [make_sample(_world(args, height), k) for k in range(args.num)]
+    samples = [make_sample(_world(args, _square_side(settings)), k) for k in range(args.num)]
     n = args.num_images
     summary = make_thought_examples(
         pipe, [s.caption for s in samples], [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)], n,
@@ -270,6 +256,23 @@ def run_thoughts(args: argparse.Namespace) -> int:
     print(f"{summary['examples']} examples from {summary['prompts']} captions ({summary['images']} images, mean "
           f"score {summary['mean_score']:.3f}): {summary['file']}")
     return 0
+
+
+def _output_folder(args: argparse.Namespace, file: str) -> Path:
+    """`--out`, refused if it is a file or already holds `file` (unless --overwrite)."""
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if (out / file).exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already holds {file}; pass --overwrite to replace it")
+    return out
+
+
+def _square_side(settings) -> int:
+    height, width = settings.hw
+    if height != width:
+        raise ValueError(f"the shapes world is square, but the size is {width}x{height}: give a square size")
+    return height
 
 
 def _png(image) -> bytes:
