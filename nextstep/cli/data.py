@@ -52,6 +52,21 @@ def _world(args: argparse.Namespace, size: int) -> ShapesConfig:
                         colour_prob=None if args.benchmark_colours else args.colour_prob, dark_prob=args.dark_prob)
 
 
+def _add_self_sample_args(parser: argparse.ArgumentParser, prompts: str, per_prompt: str) -> None:
+    """The options of `data preferences` and `data thoughts`, which sample a model on world prompts."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    parser.add_argument("--num", type=int, required=True, help=f"number of {prompts}")
+    parser.add_argument("-n", "--num-images", type=int, default=4, help=f"{per_prompt} (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help=f"world seed of the {prompts}, and first generation "
+                                                            "seed (default 0)")
+    parser.add_argument("--reward", default="shapes", help="'shapes' or module:function, as in [grpo] reward "
+                                                           "(default shapes)")
+    _add_world_args(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help=f"{prompts} per model call (default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    add_model_args(parser)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data_sub = command_group(sub, "data", "make training data (the shapes world)", "Make training data.",
                              "data_command", "WHAT")
@@ -84,21 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "per pair: prompt, chosen, rejected, source for edits, thought with --think, scores, seeds), the "
                     "file a `stage = \"dpo\"` config names in [dpo] pairs. Prompt i's images come from seeds "
                     "seed + i*n + k.")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    p.add_argument("--num", type=int, required=True, help="number of prompts")
-    p.add_argument("-n", "--num-images", type=int, default=4, help="images sampled per prompt (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="world seed of the prompts, and first generation seed "
-                                                       "(default 0)")
+    _add_self_sample_args(p, "prompts", "images sampled per prompt")
     p.add_argument("--edits", action="store_true", help="edit instructions on rendered sources instead of captions")
     p.add_argument("--chosen", choices=("best", "truth"), default="best",
                    help="best: a prompt's best sample over its worst, where their scores differ; truth: the "
                         "rendered true image over its worst sample, where that fails (-n may be 1); default best")
-    p.add_argument("--reward", default="shapes", help="'shapes' or module:function, as in [grpo] reward "
-                                                      "(default shapes)")
-    _add_world_args(p)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
-    p.add_argument("--overwrite", action="store_true", help="replace pairs already in --out")
-    add_model_args(p)
     add_settings_args(p, edit=True)
     add_think_args(p, edit=False)  # with --edits, --think is the edits' setting
     p.set_defaults(run=run_preferences)
@@ -111,19 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "thought. Writes OUT/images/*.png and OUT/manifest.jsonl (file, caption, plan, score, seed, "
                     "category), a text-to-image manifest that a kind = \"files\" data source reads; see "
                     "docs/self-cot.md. Caption i's images come from seeds seed + i*n + k.")
-    t.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    t.add_argument("--num", type=int, required=True, help="number of captions")
-    t.add_argument("-n", "--num-images", type=int, default=4, help="thoughts (one image each) per caption "
-                                                                   "(default 4)")
-    t.add_argument("--seed", type=int, default=0, help="world seed of the captions, and first generation seed "
-                                                       "(default 0)")
+    _add_self_sample_args(t, "captions", "thoughts (one image each) per caption")
     t.add_argument("--min-score", type=float, default=1.0, help="the least reward a kept image has (default 1: "
                                                                 "every check of its caption holds)")
-    t.add_argument("--reward", default="shapes", help="'shapes' or module:function (default shapes)")
-    _add_world_args(t)
-    t.add_argument("--batch-size", type=int, default=16, help="captions per model call (default 16)")
-    t.add_argument("--overwrite", action="store_true", help="replace examples already in --out")
-    add_model_args(t)
     add_settings_args(t, edit=False)
     add_think_args(t, edit=False)
     t.set_defaults(run=run_thoughts, edits=False)

@@ -156,7 +156,7 @@ def decode_sample(fields: dict[str, Field], task: str, base: int) -> dict[str, A
         caption = caption_of(fields)  # text first: it is cheaper to find missing than to decode
         image = load_bucketed(_image(fields, "image"), base)
         sample = {"caption": caption, "pixels": to_pixels(np.asarray(image))}
-        if "plan" in fields:  # a manifest line's thought; the collator checks it is non-empty text
+        if "plan" in fields:  # a manifest line's thought (the reader skips a line whose plan is not text)
             sample["plan"] = fields["plan"]
         return sample
     if task == "edit":
