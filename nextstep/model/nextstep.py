@@ -189,11 +189,7 @@ class NextStep(nn.Module):
         the flow head's targets (see `nextstep.training.supervised.draw_context_noise`).
         """
         cfg = self.config
-        seen = latents
-        if context_noise is not None and latents is not None:
-            seen = (latents + context_noise if isinstance(latents, Tensor)
-                    else [x + n for x, n in zip(latents, context_noise, strict=True)])
-        hidden = self.forward_hidden(input_ids, attention_mask, seen)[:, :-1]
+        hidden = self.forward_hidden(input_ids, attention_mask, self._seen(latents, context_noise))[:, :-1]
         next_is_image = input_ids[:, 1:] == cfg.image_placeholder_id
         next_labels = labels[:, 1:]
 
@@ -212,6 +208,24 @@ class NextStep(nn.Module):
             im_loss = self.image_head.loss(target, c, mask, generator, self._tokens_per_image(latents))
         loss = cfg.lm_loss_weight * lm_loss + cfg.im_loss_weight * im_loss
         return LossOutput(loss, lm_loss, im_loss, c)
+
+    @torch.no_grad()
+    def image_conditions(self, input_ids: Tensor, attention_mask: Tensor | None, latents: Tensor | list[Tensor],
+                         context_noise: Tensor | list[Tensor] | None = None) -> Tensor:
+        """The flow head's condition at every image token (N, hidden), as `forward` computes it
+        (through the projector), without any loss: a frozen model's, to compare against."""
+        hidden = self.forward_hidden(input_ids, attention_mask, self._seen(latents, context_noise))[:, :-1]
+        return self.image_out_projector(hidden[input_ids[:, 1:] == self.config.image_placeholder_id])
+
+    @staticmethod
+    def _seen(latents: Tensor | list[Tensor] | None, context_noise: Tensor | list[Tensor] | None
+              ) -> Tensor | list[Tensor] | None:
+        """The latents as the decoder reads them: with `context_noise` added, if given."""
+        if context_noise is None or latents is None:
+            return latents
+        if isinstance(latents, Tensor):
+            return latents + context_noise
+        return [x + n for x, n in zip(latents, context_noise, strict=True)]
 
     def image_token_mask(self, latents: Tensor | list[Tensor], latents_mask: Tensor) -> Tensor:
         """`latents_mask` (one 0/1 per image) repeated over each image's tokens: (N,)."""

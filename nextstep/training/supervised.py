@@ -178,7 +178,7 @@ class SupervisedStage:
             if self.reference is None:
                 loss = lm_w * lm + im_w * im
             else:  # the drawing held: the image term is the distance to the reference's conditions
-                held = self.held_distance(batch, latents, noise, losses.conditions, total["im"], step)
+                held = self.held_distance(batch, latents, noise, losses.conditions, total["im"])
                 loss = lm_w * lm + config.train.hold_images * held
                 sums["hold_loss"] += held.item()
             (loss * env.world_size).backward()
@@ -188,18 +188,16 @@ class SupervisedStage:
         return sums
 
     def held_distance(self, batch: dict[str, Any], latents: torch.Tensor | list[torch.Tensor],
-                      noise: torch.Tensor | list[torch.Tensor] | None, conditions: torch.Tensor, total: float,
-                      step: int) -> torch.Tensor:
+                      noise: torch.Tensor | list[torch.Tensor] | None, conditions: torch.Tensor, total: float
+                      ) -> torch.Tensor:
         """This pass's share of the global-batch mean squared distance between the trained model's
         flow-head conditions and the reference's, over the image tokens in the image loss: with the
         flow head frozen, the same conditions draw the same images, so the text path can learn while
         the drawing stays as it was (thoughts written anew, each drawn as before)."""
-        ctx, device, boi = self.ctx, self.ctx.env.device, self.ctx.tokenizer.boi_id
-        with torch.no_grad(), ctx.autocast:
-            reference = self.reference(batch["input_ids"].to(device), batch["labels"].to(device), latents,
-                                       batch["latents_mask"].to(device), batch["attention_mask"].to(device),
-                                       generator=image_generators(batch, boi, self.ctx.config.seed, step, "flow"),
-                                       context_noise=noise).conditions
+        device = self.ctx.env.device
+        with self.ctx.autocast:
+            reference = self.reference.image_conditions(batch["input_ids"].to(device),
+                                                        batch["attention_mask"].to(device), latents, noise)
         mask = self.reference.image_token_mask(latents, batch["latents_mask"].to(device)).float()
         per_token = (conditions.float() - reference.float()).pow(2).mean(-1)
         return (per_token * mask).sum() / max(total, 1.0)
