@@ -43,28 +43,34 @@ done
 # GRPO on the thoughts (the text head alone), its rollouts drawn at the generation defaults
 cp recipes/shapes/generation_defaults.json runs/shapes/27-dpo/export/
 done_stage recipes/shapes/28-thought-grpo.toml || nextstep train recipes/shapes/28-thought-grpo.toml --resume
-# the text path trained on stage 28's own thoughts that worked (4 per caption at temperature 1, each
-# drawn at the generation defaults, the best image kept with its thought where the checker passes it),
-# the drawing held
-cp recipes/shapes/generation_defaults.json runs/shapes/28-thought-grpo/export/
-for set in "bc 1536 31 --benchmark-colours" "world 1024 32"; do
-    set -- $set
-    name=$1 num=$2 seed=$3
-    shift 3
-    [ -e "runs/shapes/29-thoughts-$name/manifest.jsonl" ] || nextstep data thoughts \
-        --model runs/shapes/28-thought-grpo/export --out "runs/shapes/29-thoughts-$name" --num "$num" -n 4 \
-        --seed "$seed" --dark-prob 0.3 --think --text-temperature 1.0 "$@" --overwrite
-done
-done_stage recipes/shapes/29-thought-rft.toml || nextstep train recipes/shapes/29-thought-rft.toml --resume
+# Two rounds of the text path trained on the previous stage's own thoughts that worked (4 per caption
+# at temperature 1, each drawn at the generation defaults, the best image kept with its thought where
+# the checker passes it), the drawing held; stage 30 is stage 29's file from stage 29.
+thought_round() {  # stage, the model it starts from, the seeds of the two caption sets
+    local stage=$1 from=runs/shapes/$2/export
+    done_stage "recipes/shapes/$stage-thought-rft.toml" && return
+    cp recipes/shapes/generation_defaults.json "$from/"
+    for set in "bc 1536 $3 --benchmark-colours" "world 1024 $4"; do
+        set -- $set
+        local name=$1 num=$2 seed=$3
+        shift 3
+        [ -e "runs/shapes/$stage-thoughts-$name/manifest.jsonl" ] || nextstep data thoughts \
+            --model "$from" --out "runs/shapes/$stage-thoughts-$name" --num "$num" -n 4 \
+            --seed "$seed" --dark-prob 0.3 --think --text-temperature 1.0 "$@" --overwrite
+    done
+    nextstep train "recipes/shapes/$stage-thought-rft.toml" --resume
+}
+thought_round 29 28-thought-grpo 31 32
+thought_round 30 29-thought-rft 33 34
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream
-defaults=runs/shapes/29-thought-rft/generation_defaults.json
-cp recipes/shapes/generation_defaults.json runs/shapes/29-thought-rft/export/
-[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/29-thought-rft/export \
+defaults=runs/shapes/30-thought-rft/generation_defaults.json
+cp recipes/shapes/generation_defaults.json runs/shapes/30-thought-rft/export/
+[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/30-thought-rft/export \
     --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
-    --out runs/shapes/29-thought-rft/think_default.json --write "$defaults"
-# ship stage 29 (on the dark-trained VAE, which its export carries), keeping the model card that
+    --out runs/shapes/30-thought-rft/think_default.json --write "$defaults"
+# ship stage 30 (on the dark-trained VAE, which its export carries), keeping the model card that
 # ships with it (the only copy in the repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/29-thought-rft/export nextstep/assets/shapes \
+python -m nextstep.training.ship runs/shapes/30-thought-rft/export nextstep/assets/shapes \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
