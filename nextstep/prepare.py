@@ -29,7 +29,7 @@ from .model.pos_embed import sincos_2d
 from .sampling import FlowSampler
 from .sampling.requests import GenerationRequest, guidance_schedule
 from .settings import GenerationSettings
-from .text import IMAGE_TAG, THOUGHT_OPEN, Plain, Row, TextTokenizer, image_block, image_prefix
+from .text import IMAGE_TAG, THOUGHT_OPEN, Fixed, Plain, Row, TextTokenizer, image_block, image_prefix
 from .vae import AutoencoderKL, DiagonalGaussian
 
 
@@ -187,6 +187,8 @@ class RequestBuilder:
         if not plain:  # markup: the caption's <image> becomes the source image
             return (caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))) + suffix
         tail = () if thought is None else (Plain(THOUGHT_OPEN), Plain(thought))
+        if thought is not None and image is not None and s.edit_thought_tokens:
+            tail = (Plain(THOUGHT_OPEN), Fixed(thought, s.edit_thought_tokens))
         if image is None:
             return (Plain(caption + suffix), *tail)
         # The source image is a piece of its own, never found by searching the user's text.

@@ -73,6 +73,10 @@ class GenerationSettings:
     think: bool = False
     think_edits: bool = False
     thought_max_tokens: int = 48  # a thought ends at a special token or after this many tokens
+    # An edit's thought padded with [PAD] (or cut) to exactly this many tokens, so that the target
+    # sits a fixed distance after its source whatever the thought says: the offset at which a model
+    # trained with `[data] edit_thought_tokens` copies the source. 0: as long as it is written.
+    edit_thought_tokens: int = 0
     text_temperature: float = 1.0  # 0: greedy (the most likely token)
     text_top_k: int = 0  # keep only the k most likely tokens; 0: all
     text_top_p: float = 1.0  # keep the smallest set of tokens holding this much probability; 1: all
@@ -138,6 +142,7 @@ _CHECKS = {
     "think": (lambda v: isinstance(v, bool), "true or false"),
     "think_edits": (lambda v: isinstance(v, bool), "true or false"),
     "thought_max_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "edit_thought_tokens": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: unpadded)"),
     "text_temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: greedy)"),
     "text_top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no top-k)"),
     "text_top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),

@@ -20,6 +20,7 @@ from PIL import Image
 
 from nextstep.cli import main
 from nextstep.config import NextStepConfig
+from nextstep.data.batching import Collator
 from nextstep.model import NextStep
 from nextstep.pipeline import NextStepPipeline
 from nextstep.sampling.text import TextSampling, draw_uniforms, sample_text
@@ -198,6 +199,48 @@ def test_an_edit_thinks_before_its_target(pipe: NextStepPipeline) -> None:
     ids = pipe.tokenizer.encode_row(row)
     assert ids[-len(pipe.tokenizer.encode(THOUGHT_OPEN)):] == pipe.tokenizer.encode(THOUGHT_OPEN)
     assert ids.index(pipe.tokenizer.image_area_id) > 0  # the source block stands before the thought
+
+
+def test_fixed_length_edit_thoughts_are_the_training_rows_and_keep_the_copy_distance(pipe: NextStepPipeline) -> None:
+    """With `edit_thought_tokens` an edit's prompt is the training row (`[data] edit_thought_tokens`) up
+    to its target, and the target starts the same distance after the source whatever the thought."""
+    tok, n = pipe.tokenizer, 48
+    thoughts = ["red circle top left", "blue square middle centre, green triangle bottom right on a dark background"]
+    assert len(tok.encode(thoughts[0], plain=True)) < len(tok.encode(thoughts[1], plain=True)) <= n
+    s = pipe.settings.with_overrides(think_edits=True, source_image="last", edit_thought_tokens=n)
+    collator = Collator(tok, caption_dropout=0.0, source_image="last", edit_thought_tokens=n)
+    source = Image.new("RGB", (64, 64), "red")
+    distances = set()
+    for thought in thoughts:
+        request = pipe.prepare("make it blue", source, 1, 3, s, plain=True, thoughts=[thought])
+        prompt = request.input_ids[0, request.attention_mask[0].bool()].tolist()
+        row = collator([{"key": "e", "instruction": "make it blue", "source": torch.zeros(3, 64, 64),
+                         "target": torch.zeros(3, 64, 64), "plan": thought}])
+        ids, labels = row["input_ids"][0].tolist(), row["labels"][0].tolist()
+        assert prompt == ids[:len(prompt)] and ids[len(prompt)] == tok.placeholder_id
+        boi = [i for i, t in enumerate(prompt) if t == tok.boi_id]
+        distances.add(boi[1] - boi[0])
+        pads = [i for i, t in enumerate(ids) if t == tok.pad_id]
+        assert len(pads) == n - len(tok.encode(thought, plain=True))
+        assert labels[pads[0]] == tok.pad_id and all(labels[i] == -100 for i in pads[1:])  # the first ends it
+    assert len(distances) == 1
+    # Unpadded (the default), the distance follows the thought's length.
+    unpadded = set()
+    for thought in thoughts:
+        request = pipe.prepare("make it blue", source, 1, 3, s.with_overrides(edit_thought_tokens=0), plain=True,
+                               thoughts=[thought])
+        boi = (request.input_ids[0] == tok.boi_id).nonzero()[:, 0].tolist()
+        unpadded.add(boi[1] - boi[0])
+    assert len(unpadded) == 2
+    # A written thought longer than the setting is cut; a training plan longer than it leaves its row out.
+    long = pipe.prepare("make it blue", source, 1, 3, s.with_overrides(edit_thought_tokens=3), plain=True,
+                        thoughts=[thoughts[1]])
+    short = pipe.prepare("make it blue", source, 1, 3, s.with_overrides(edit_thought_tokens=3), plain=True,
+                         thoughts=[" ".join(thoughts[1].split()[:1])])
+    assert long.input_ids.shape[1] == short.input_ids.shape[1]
+    tight = Collator(tok, caption_dropout=0.0, source_image="last", edit_thought_tokens=3)
+    assert tight([{"key": "e", "instruction": "make it blue", "source": torch.zeros(3, 64, 64),
+                   "target": torch.zeros(3, 64, 64), "plan": thoughts[1]}])["skipped"] == ["e"]
 
 
 def test_think_is_for_text_to_image_and_think_edits_for_edits(pipe: NextStepPipeline, monkeypatch) -> None:

@@ -36,6 +36,11 @@ then encoded on its own), so training and generation see the same ids. With capt
 dropout a text-to-image row reads image block + caption + THOUGHT_OPEN + plan +
 end-of-text (the text still trains the language head, the image is unconditional); in
 an edit row the plan is dropped with the instruction, since it would give the text away.
+With `edit_thought_tokens = N` an edit row's plan is padded with [PAD] to N tokens (a longer
+plan leaves the sample out), so target token k sits a fixed distance after source token k
+whatever the plan says: the distance at which the model copies its source stays one number, as
+without a plan. The first [PAD] is a CE target (it ends the thought), the rest are not; the
+pipeline pads a written thought the same way (setting `edit_thought_tokens`).
 
 Labels are the input ids, with -100 (no cross-entropy) at padding, at
 begin-of-image and the placeholders, and at the end-of-text right after an
@@ -92,7 +97,8 @@ class Collator:
 
     def __init__(self, tokenizer: TextTokenizer, caption_dropout: float = 0.1, source_dropout: float = 0.0,
                  seed: int = 0, max_length: int | None = None, add_eos: bool = True,
-                 token_pixels: int = TOKEN_PIXELS, source_image: str = "first") -> None:
+                 token_pixels: int = TOKEN_PIXELS, source_image: str = "first", edit_thought_tokens: int = 0
+                 ) -> None:
         for name, p in (("caption_dropout", caption_dropout), ("source_dropout", source_dropout)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p!r}")
@@ -105,6 +111,9 @@ class Collator:
         if source_image not in SOURCE_IMAGE_PLACES:
             raise ValueError(f"source_image must be 'first' or 'last', got {source_image!r}")
         self.source_image = source_image  # where an instruction without <image> gets its source
+        if not isinstance(edit_thought_tokens, int) or edit_thought_tokens < 0:
+            raise ValueError(f"edit_thought_tokens must be an integer >= 0, got {edit_thought_tokens!r}")
+        self.edit_thought_tokens = edit_thought_tokens
         self._block = lru_cache(maxsize=64)(self._block_ids)
 
     # ------------------------------------------------------------------ one row
@@ -124,6 +133,11 @@ class Collator:
     def _labels(self, ids: list[int]) -> list[int]:
         t = self.tokenizer
         labels = [IGNORE if i in (t.boi_id, t.placeholder_id) else i for i in ids]
+        # A fixed-length edit thought's padding: its first [PAD] ends the thought (a CE target, as
+        # `<|image_area|>` ends an unpadded one); the rest are filler the pipeline adds itself.
+        for j in range(1, len(ids)):
+            if ids[j] == t.pad_id and ids[j - 1] == t.pad_id:
+                labels[j] = IGNORE
         if self.eos is not None and len(ids) > 1 and ids[-1] == self.eos and ids[-2] == t.eoi_id:
             labels[-1] = IGNORE  # nothing to learn from end-of-text after an image
         return labels
@@ -160,6 +174,12 @@ class Collator:
             if dropped:
                 before = after = ""
                 thought = []
+            elif thought and self.edit_thought_tokens:
+                plan_ids = enc(plan)
+                if len(plan_ids) > self.edit_thought_tokens:
+                    raise ValueError(f"sample {key!r}: its plan has {len(plan_ids)} tokens, more than "
+                                     f"edit_thought_tokens={self.edit_thought_tokens}")
+                thought = enc(THOUGHT_OPEN) + self.tokenizer.fit(plan_ids, self.edit_thought_tokens)
             ids = enc(before) + list(self._image_block(src)) + enc(after) + thought + tgt_block + eos
             return ids, [src, tgt], [0.0, 1.0], dropped
         raise ValueError(f"sample {key!r} has neither a caption nor an instruction (keys: {sorted(sample)})")

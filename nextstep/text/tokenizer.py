@@ -46,9 +46,17 @@ class Plain:
     text: str
 
 
+@dataclass(frozen=True)
+class Fixed:
+    """User text encoded as `Plain`, then cut or padded with [PAD] to exactly `tokens` ids."""
+
+    text: str
+    tokens: int
+
+
 # A prompt row: markup (special tokens parsed, as the official code does), or pieces of markup and
 # `Plain` user text, encoded piece by piece and joined.
-Row = str | tuple[str | Plain, ...]
+Row = str | tuple[str | Plain | Fixed, ...]
 
 
 class TextTokenizer:
@@ -92,8 +100,16 @@ class TextTokenizer:
         user text gets the same ids as the same row written as one string."""
         if isinstance(row, str):
             return self.encode(row)
-        return [i for piece in row for i in (self.encode(piece.text, plain=True) if isinstance(piece, Plain)
-                                             else self.encode(piece))]
+        return [i for piece in row for i in self._encode_piece(piece)]
+
+    def _encode_piece(self, piece: str | Plain | Fixed) -> list[int]:
+        if isinstance(piece, Fixed):
+            return self.fit(self.encode(piece.text, plain=True), piece.tokens)
+        return self.encode(piece.text, plain=True) if isinstance(piece, Plain) else self.encode(piece)
+
+    def fit(self, ids: list[int], tokens: int) -> list[int]:
+        """`ids` cut or padded with [PAD] to exactly `tokens` ids (an edit's fixed-length thought)."""
+        return ids[:tokens] + [self.pad_id] * (tokens - len(ids))
 
     @cached_property
     def _plain_tokenizer(self) -> Tokenizer:

@@ -84,6 +84,7 @@ class DataSection:
     num_workers: int = 0
     caption_dropout: float = 0.1
     source_image: str = "first"  # edits: where an instruction without <image> gets its source ("first"/"last")
+    edit_thought_tokens: int = 0  # edit rows' plans padded with [PAD] to this many tokens (docs/self-cot.md); 0: none
 
 
 @dataclass
@@ -277,6 +278,8 @@ class TrainConfig:
             problems.append(f"data.caption_dropout={self.data.caption_dropout} (must be in [0, 1))")
         if self.data.source_image not in SOURCE_IMAGE_PLACES:
             problems.append(f"data.source_image={self.data.source_image!r} (first or last)")
+        if self.data.edit_thought_tokens < 0:
+            problems.append(f"data.edit_thought_tokens={self.data.edit_thought_tokens} (must be >= 0; 0: unpadded)")
         per_step = world_size * self.optim.grad_accum
         if per_step >= 1 and self.data.batch_size % per_step:
             problems.append(f"data.batch_size={self.data.batch_size} is not divisible by "
