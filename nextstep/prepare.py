@@ -180,14 +180,16 @@ class RequestBuilder:
         return image.height // self.down_factor, image.width // self.down_factor
 
     def _cond_row(self, caption: str, image: Image.Image | None, s: GenerationSettings, plain: bool,
-                  thought: str | None = None) -> Row:
+                  thought: str | None = None, pad_thought: bool = True) -> Row:
         """The conditional row of `caption`, followed by the positive prompt, and with a `thought`
-        (plain rows only) by THOUGHT_OPEN and the thought, each encoded on its own (as in training)."""
+        (plain rows only) by THOUGHT_OPEN and the thought, each encoded on its own (as in training);
+        an edit's thought padded to `s.edit_thought_tokens` unless `pad_thought` is False (the row a
+        thought is written after ends at THOUGHT_OPEN)."""
         suffix = f" {s.positive_prompt}" if s.positive_prompt else ""
         if not plain:  # markup: the caption's <image> becomes the source image
             return (caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))) + suffix
         tail = () if thought is None else (Plain(THOUGHT_OPEN), Plain(thought))
-        if thought is not None and image is not None and s.edit_thought_tokens:
+        if thought is not None and image is not None and s.edit_thought_tokens and pad_thought:
             tail = (Plain(THOUGHT_OPEN), Fixed(thought, s.edit_thought_tokens))
         if image is None:
             return (Plain(caption + suffix), *tail)

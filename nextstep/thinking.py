@@ -90,7 +90,7 @@ class TextWriter(RequestBuilder):
 
     def thought_prompt(self, prompt: str, image: Image.Image | None, s: GenerationSettings) -> Row:
         """The row a thought continues: the conditional row of a plain prompt, up to THOUGHT_OPEN."""
-        return self._cond_row(prompt, image, s, plain=True, thought="")
+        return self._cond_row(prompt, image, s, plain=True, thought="", pad_thought=False)
 
     def thought_text(self, ids: Sequence[int]) -> str:
         """A thought's text from its token ids (stripped, as it goes into the image's prompt)."""

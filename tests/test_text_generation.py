@@ -224,6 +224,10 @@ def test_fixed_length_edit_thoughts_are_the_training_rows_and_keep_the_copy_dist
         assert len(pads) == n - len(tok.encode(thought, plain=True))
         assert labels[pads[0]] == tok.pad_id and all(labels[i] == -100 for i in pads[1:])  # the first ends it
     assert len(distances) == 1
+    # The row a thought is written after ends at THOUGHT_OPEN: the padding comes after the thought.
+    written_after = tok.encode_row(pipe.thought_prompt("make it blue", source, s))
+    assert written_after[-len(tok.encode(THOUGHT_OPEN)):] == tok.encode(THOUGHT_OPEN)
+    assert tok.pad_id not in written_after
     # Unpadded (the default), the distance follows the thought's length.
     unpadded = set()
     for thought in thoughts:
