@@ -135,7 +135,7 @@ class Collator:
         labels = [IGNORE if i in (t.boi_id, t.placeholder_id) else i for i in ids]
         # A fixed-length edit thought's padding: its first [PAD] ends the thought (a CE target, as
         # `<|image_area|>` ends an unpadded one); the rest are filler the pipeline adds itself.
-        for j in range(1, len(ids)):
+        for j in range(1, len(ids) if self.edit_thought_tokens else 0):
             if ids[j] == t.pad_id and ids[j - 1] == t.pad_id:
                 labels[j] = IGNORE
         if self.eos is not None and len(ids) > 1 and ids[-1] == self.eos and ids[-2] == t.eoi_id:
