@@ -241,7 +241,7 @@ def test_freeze_encoder_needs_a_base(tmp_path: Path) -> None:
 
 
 def test_shapes_recipe_vae_stages_parse() -> None:
-    """The recipe's tokenizer stages read cleanly; the decoder stage keeps the first stage's latent space."""
+    """The recipe's tokenizer stages read cleanly; the decoder stages keep their base's latent space."""
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
     configs = {p.name: VAETrainConfig.from_file(p) for p in sorted(root.glob("vae*.toml"))}
     assert {"vae.toml", "vae-decoder.toml"} <= set(configs)
@@ -252,6 +252,10 @@ def test_shapes_recipe_vae_stages_parse() -> None:
     dark = configs["vae-dark.toml"]
     assert dark.init_from == decoder.out_dir + "/export" and not dark.freeze_encoder
     assert dark.loss.anchor > 0 and dark.data.dark_prob > 0.2
+    # The shipped decoder: the dark VAE's, trained on alone, so the model's latents stay the same.
+    dark_decoder = configs["vae-dark-decoder.toml"]
+    assert dark_decoder.freeze_encoder and dark_decoder.init_from == dark.out_dir + "/export"
+    assert dark_decoder.data.dark_prob >= dark.data.dark_prob
 
 
 def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_path: Path) -> None:

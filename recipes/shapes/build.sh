@@ -7,6 +7,7 @@ start=$(date +%s)
 nextstep train-vae recipes/shapes/vae.toml --resume
 nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder, a sharper decoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
+nextstep train-vae recipes/shapes/vae-dark-decoder.toml --resume  # and its decoder alone, longer
 done_stage() { [ -e "$(grep -m1 '^out_dir' "$1" | cut -d'"' -f2)/DONE" ]; }
 for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order
     done_stage "$stage" || nextstep train "$stage" --resume
@@ -45,12 +46,14 @@ cp recipes/shapes/generation_defaults.json runs/shapes/27-dpo/export/
 done_stage recipes/shapes/28-thought-grpo.toml || nextstep train recipes/shapes/28-thought-grpo.toml --resume
 # Two rounds of the text path trained on the previous stage's own thoughts that worked (4 per caption
 # at temperature 1, each drawn at the generation defaults, the best image kept with its thought where
-# the checker passes it), the drawing held; stage 30 is stage 29's file from stage 29.
-thought_round() {  # stage, the model it starts from, the seeds of the two caption sets
+# the checker passes it), the drawing held; stage 30 is stage 29's file from stage 29, and stage 31
+# a third round with a third caption set, of two coloured objects alone.
+thought_round() {  # stage, the model it starts from, the seeds of the caption sets (a third: color_attr)
     local stage=$1 from=runs/shapes/$2/export
     done_stage "recipes/shapes/$stage-thought-rft.toml" && return
     cp recipes/shapes/generation_defaults.json "$from/"
-    for set in "bc 1536 $3 --benchmark-colours" "world 1024 $4"; do
+    for set in "bc 1536 $3 --benchmark-colours" "world 1024 $4" \
+               ${5:+"cattr 1536 $5 --benchmark-colours --categories color_attr"}; do
         set -- $set
         local name=$1 num=$2 seed=$3
         shift 3
@@ -62,15 +65,18 @@ thought_round() {  # stage, the model it starts from, the seeds of the two capti
 }
 thought_round 29 28-thought-grpo 31 32
 thought_round 30 29-thought-rft 33 34
+thought_round 31 30-thought-rft 35 36 37
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream
-defaults=runs/shapes/30-thought-rft/generation_defaults.json
-cp recipes/shapes/generation_defaults.json runs/shapes/30-thought-rft/export/
-[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/30-thought-rft/export \
+defaults=runs/shapes/31-thought-rft/generation_defaults.json
+cp recipes/shapes/generation_defaults.json runs/shapes/31-thought-rft/export/
+[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/31-thought-rft/export \
     --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
-    --out runs/shapes/30-thought-rft/think_default.json --write "$defaults"
-# ship stage 30 (on the dark-trained VAE, which its export carries), keeping the model card that
-# ships with it (the only copy in the repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/30-thought-rft/export nextstep/assets/shapes \
+    --out runs/shapes/31-thought-rft/think_default.json --write "$defaults"
+# ship stage 31 with the dark-trained VAE's longer-trained decoder (the same encoder, so the same
+# latents), keeping the model card that ships with it (the only copy in the repository; update its
+# scores after the evaluations below)
+python -m nextstep.training.ship runs/shapes/31-thought-rft/export nextstep/assets/shapes \
+    --vae runs/shapes/vae-dark-dec/export \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
