@@ -32,15 +32,13 @@ from nextstep.shapes.dataset import ShapesConfig, make_sample
 from nextstep.shapes.renderer import render_image
 from nextstep.training.blend import check_same_latents
 from nextstep.training.rewards import shapes_reward
+from nextstep.training.think_default import world_stream
 from nextstep.vae import AutoencoderKL
 
 
 def stream_tokens(pipe: NextStepPipeline, prompts: int, seed: int) -> tuple[list[str], list, torch.Tensor]:
     """The world stream's prompts, edit sources (None for captions) and the model's image tokens."""
-    captions = [make_sample(ShapesConfig(size=64, seed=seed, dark_prob=0.3), i).caption
-                for i in range(prompts - prompts // 2)]
-    cases = [make_sample(ShapesConfig(size=64, seed=seed, edits=True, dark_prob=0.3), i) for i in range(prompts // 2)]
-    sources = [render_image(c.source) for c in cases]
+    captions, cases, sources = world_stream(prompts, seed, 64, 0.3)
     kept: dict[int, torch.Tensor] = {}
     decode = pipe.decode_tokens
 

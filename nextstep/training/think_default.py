@@ -38,15 +38,21 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_prob: float,
-            modes: dict[str, dict[str, Any]] = MODES) -> dict[str, Any]:
-    """Mean reward, pass rate and time per image of every mode (name -> settings over the pipeline's)
-    on `prompts` world samples, and the winner (the highest reward; a tie goes to the earlier mode)."""
+def world_stream(prompts: int, seed: int, size: int, dark_prob: float) -> tuple[list[str], list, list]:
+    """The training stream `measure` scores: the first half of `prompts` world captions, then world
+    edits as (captions, edit cases, their rendered source images)."""
     captions = ShapesConfig(size=size, seed=seed, dark_prob=dark_prob)
     edits = ShapesConfig(size=size, seed=seed, edits=True, dark_prob=dark_prob)
     t2i = [make_sample(captions, i).caption for i in range(prompts - prompts // 2)]
     cases = [make_sample(edits, i) for i in range(prompts // 2)]
-    sources = [render_image(c.source) for c in cases]
+    return t2i, cases, [render_image(c.source) for c in cases]
+
+
+def measure(pipe: NextStepPipeline, prompts: int, seed: int, size: int, dark_prob: float,
+            modes: dict[str, dict[str, Any]] = MODES) -> dict[str, Any]:
+    """Mean reward, pass rate and time per image of every mode (name -> settings over the pipeline's)
+    on `prompts` world samples, and the winner (the highest reward; a tie goes to the earlier mode)."""
+    t2i, cases, sources = world_stream(prompts, seed, size, dark_prob)
     result: dict[str, Any] = {"prompts": prompts, "seed": seed, "modes": {}}
     for name, overrides in modes.items():
         s = pipe.settings.with_overrides(**overrides)
