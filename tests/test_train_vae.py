@@ -256,6 +256,12 @@ def test_shapes_recipe_vae_stages_parse() -> None:
     dark_decoder = configs["vae-dark-decoder.toml"]
     assert dark_decoder.freeze_encoder and dark_decoder.init_from == dark.out_dir + "/export"
     assert dark_decoder.data.dark_prob >= dark.data.dark_prob
+    # Its second pass: the same stage from the first pass's export, so only the start differs.
+    second = configs["vae-dark-decoder-2.toml"]
+    assert second.freeze_encoder and second.init_from == dark_decoder.out_dir + "/export"
+    assert second.out_dir != dark_decoder.out_dir
+    assert (second.steps, second.data, second.loss, second.optim) == (
+        dark_decoder.steps, dark_decoder.data, dark_decoder.loss, dark_decoder.optim)
 
 
 def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_path: Path) -> None:
