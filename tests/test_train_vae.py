@@ -256,12 +256,15 @@ def test_shapes_recipe_vae_stages_parse() -> None:
     dark_decoder = configs["vae-dark-decoder.toml"]
     assert dark_decoder.freeze_encoder and dark_decoder.init_from == dark.out_dir + "/export"
     assert dark_decoder.data.dark_prob >= dark.data.dark_prob
-    # Its second pass: the same stage from the first pass's export, so only the start differs.
-    second = configs["vae-dark-decoder-2.toml"]
-    assert second.freeze_encoder and second.init_from == dark_decoder.out_dir + "/export"
-    assert second.out_dir != dark_decoder.out_dir
-    assert (second.steps, second.data, second.loss, second.optim) == (
-        dark_decoder.steps, dark_decoder.data, dark_decoder.loss, dark_decoder.optim)
+    # Its second and third passes: the same stage from the previous pass's export, so only the start differs.
+    previous = dark_decoder
+    for name in ("vae-dark-decoder-2.toml", "vae-dark-decoder-3.toml"):
+        again = configs[name]
+        assert again.freeze_encoder and again.init_from == previous.out_dir + "/export"
+        assert again.out_dir not in (previous.out_dir, dark_decoder.out_dir)
+        assert (again.steps, again.data, again.loss, again.optim) == (
+            dark_decoder.steps, dark_decoder.data, dark_decoder.loss, dark_decoder.optim)
+        previous = again
 
 
 def test_anchor_holds_a_fine_tuned_encoder_near_its_base(full_run: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ nextstep train-vae recipes/shapes/vae-decoder.toml --resume   # the same encoder
 nextstep train-vae recipes/shapes/vae-dark.toml --resume      # then the whole VAE on half dark images
 nextstep train-vae recipes/shapes/vae-dark-decoder.toml --resume  # and its decoder alone, longer
 nextstep train-vae recipes/shapes/vae-dark-decoder-2.toml --resume  # a second pass of it
+nextstep train-vae recipes/shapes/vae-dark-decoder-3.toml --resume  # and a third
 done_stage() { [ -e "$(grep -m1 '^out_dir' "$1" | cut -d'"' -f2)/DONE" ]; }
 for stage in recipes/shapes/{1..16}-*.toml; do   # stages 1-16 in order
     done_stage "$stage" || nextstep train "$stage" --resume
@@ -73,11 +74,11 @@ cp recipes/shapes/generation_defaults.json runs/shapes/31-thought-rft/export/
 [ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/31-thought-rft/export \
     --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
     --out runs/shapes/31-thought-rft/think_default.json --write "$defaults"
-# ship stage 31 with the dark-trained VAE's decoder after its two passes alone (the same encoder, so the same
+# ship stage 31 with the dark-trained VAE's decoder after its three passes alone (the same encoder, so the same
 # latents), keeping the model card that ships with it (the only copy in the repository; update its
 # scores after the evaluations below)
 python -m nextstep.training.ship runs/shapes/31-thought-rft/export nextstep/assets/shapes \
-    --vae runs/shapes/vae-dark-dec2/export \
+    --vae runs/shapes/vae-dark-dec3/export \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
 nextstep eval edits --out runs/shapes/eval-edits
