@@ -79,3 +79,40 @@ def test_measure_scores_any_settings_with_pass_rates_per_part(monkeypatch):
     for r in result["modes"].values():
         assert (r["passed_t2i"], r["passed_edits"], r["reward_t2i"], r["reward_edits"]) == (1.0, 0.0, 1.0, 0.25)
         assert r["passed"] == 0.5 and r["reward"] == 0.625
+
+
+def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_path, monkeypatch):
+    """The stage-choosing rule: world stream (captions, then edits) and category stream scored
+    apart, the rule the mean of their rewards, each category's pass rate over its own captions."""
+    from nextstep.shapes.world import CATEGORIES
+    from nextstep.training import stream_rule
+
+    captions, categories = stream_rule.category_stream(24, seed=1000, size=64, dark_prob=0.3)
+    assert captions == stream_rule.category_stream(24, seed=1000, size=64, dark_prob=0.3)[0]  # seeded
+    assert set(categories) <= set(CATEGORIES) and len(set(categories)) >= 4
+    # the benchmark's colour rule: two coloured objects name both colours, two_object none
+    colours = ("red", "orange", "yellow", "green", "blue", "purple")
+    for caption, category in zip(captions, categories):
+        named = sum(caption.count(c) for c in colours)
+        assert named == {"color_attr": 2, "two_object": 0, "counting": 0, "position": 0}.get(category, named)
+
+    # Captions of category color_attr fail (0.5), every other caption passes; edits fail (0).
+    by_caption = dict(zip(*stream_rule.category_stream(12, seed=1000, size=64, dark_prob=0.3)))
+
+    def reward(images, prompts, sources):
+        return [0.0 if s is not None else 0.5 if by_caption.get(p) == "color_attr" else 1.0
+                for p, s in zip(prompts, sources)]
+
+    monkeypatch.setattr(stream_rule, "shapes_reward", reward)
+    defaults = {"num_sampling_steps": 2, "think": False, "think_edits": False}
+    (tmp_path / "d.json").write_text(json.dumps(defaults))
+    out = tmp_path / "rule.json"
+    assert stream_rule.main(["--model", str(SHIPPED_MODEL), str(tmp_path / "d.json"), "--out", str(out),
+                             "--seeds", "1000", "--world", "4", "--captions", "12"]) == 0
+    r = json.loads(out.read_text())[str(SHIPPED_MODEL)]
+    assert r["world_edits"] == 0.0 and r["world_captions"] == 1.0 and r["world"] == 0.5
+    n_attr = sum(c == "color_attr" for c in by_caption.values())
+    assert n_attr > 0 and r["category_reward"] == (12 - n_attr * 0.5) / 12
+    assert r["passed"]["color_attr"] == 0.0
+    assert all(r["passed"][c] == 1.0 for c in set(by_caption.values()) - {"color_attr"})
+    assert r["rule"] == (r["world"] + r["category_reward"]) / 2

@@ -38,6 +38,13 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+def load_at_defaults(export: Path, defaults: dict[str, Any]) -> NextStepPipeline:
+    """A model on the CPU at the generation defaults `defaults` (a generation_defaults.json's content)."""
+    pipe = NextStepPipeline.from_pretrained(export, dtype=defaults.get("cpu_dtype"), device="cpu")
+    pipe.settings = pipe.settings.with_overrides(**{k: v for k, v in defaults.items() if k != "cpu_dtype"})
+    return pipe
+
+
 def world_stream(prompts: int, seed: int, size: int, dark_prob: float) -> tuple[list[str], list, list]:
     """The training stream `measure` scores: the first half of `prompts` world captions, then world
     edits as (captions, edit cases, their rendered source images)."""
@@ -107,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts < 2:
         p.error(f"--prompts must be at least 2, got {args.prompts}")
     defaults = json.loads(args.defaults.read_text())
-    pipe = NextStepPipeline.from_pretrained(args.export, dtype=defaults.get("cpu_dtype"), device="cpu")
-    pipe.settings = pipe.settings.with_overrides(**{k: v for k, v in defaults.items() if k != "cpu_dtype"})
+    pipe = load_at_defaults(args.export, defaults)
     result = measure(pipe, args.prompts, args.seed, pipe.settings.hw[0], args.dark_prob)
     result["chosen"] = choose(result)
     chosen = {**defaults, **result["chosen"]["settings"]}

@@ -1,0 +1,106 @@
+"""The rule that chooses between a shapes-world stage and the one before it: training streams, never the benchmark.
+
+`python -m nextstep.training.stream_rule --model EXPORT DEFAULTS.json [--model ...] --out RESULT.json`
+samples each model once per prompt at the generation defaults it would ship with
+(DEFAULTS.json, as `think_default` wrote them) on two streams drawn the way
+training draws its data, for each seed of `--seeds`:
+
+- the world stream (`think_default.world_stream`): `--world` samples, half
+  captions and half edits, scored by the GRPO reward (partial credit for captions,
+  pass or fail for edits);
+- the category stream: `--captions` captions drawn as the benchmark's categories
+  name colours (each category a sixth), scored the same way, with the pass rate of
+  each category.
+
+The rule (`docs/self-cot.md`): the model with the highest mean of the two streams'
+rewards, averaged over the seeds, wins. The benchmark's prompt sets are drawn from
+other seeds and are measured once, after the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..io.atomic import atomic_write
+from ..pipeline import NextStepPipeline
+from ..shapes.dataset import ShapesConfig, make_sample
+from ..shapes.world import CATEGORIES
+from .rewards import shapes_reward
+from .think_default import load_at_defaults, world_stream
+
+SEEDS = (1000, 2000, 3000)
+
+
+def category_stream(captions: int, seed: int, size: int, dark_prob: float) -> tuple[list[str], list[str]]:
+    """`captions` captions named as the benchmark's categories name colours, and their categories."""
+    config = ShapesConfig(size=size, seed=seed, colour_prob=None, dark_prob=dark_prob)
+    samples = [make_sample(config, i) for i in range(captions)]
+    return [s.caption for s in samples], [s.category for s in samples]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def measure_seed(pipe: NextStepPipeline, seed: int, world: int, captions: int, dark_prob: float) -> dict[str, Any]:
+    """One seed's numbers for one model: world stream (captions, edits) and category stream."""
+    size = pipe.settings.hw[0]
+    t2i, cases, sources = world_stream(world, seed, size, dark_prob)
+    instructions = [c.instruction for c in cases]
+    images = [g[0] for g in pipe.generate(t2i, seeds=list(range(len(t2i))))]
+    images += [g[0] for g in pipe.generate(instructions, seeds=list(range(len(cases))), images=sources)]
+    scores = shapes_reward(images, t2i + instructions, [None] * len(t2i) + sources)
+    half = len(t2i)
+    cat_captions, categories = category_stream(captions, seed, size, dark_prob)
+    cat_images = [g[0] for g in pipe.generate(cat_captions, seeds=list(range(captions)))]
+    cat_scores = shapes_reward(cat_images, cat_captions, [None] * captions)
+    passed = {c: mean([float(s == 1.0) for s, k in zip(cat_scores, categories) if k == c]) for c in CATEGORIES}
+    return {"world": mean(scores), "world_captions": mean(scores[:half]), "world_edits": mean(scores[half:]),
+            "category_reward": mean(cat_scores), "category_passed": mean(list(passed.values())),
+            "passed": passed}
+
+
+def measure_model(export: Path, defaults: dict[str, Any], seeds: tuple[int, ...], world: int, captions: int,
+                  dark_prob: float) -> dict[str, Any]:
+    """Every seed's numbers and their means; `rule` is the number the choice compares."""
+    pipe = load_at_defaults(export, defaults)
+    per_seed = {seed: measure_seed(pipe, seed, world, captions, dark_prob) for seed in seeds}
+    keys = [k for k in next(iter(per_seed.values())) if k != "passed"]
+    result: dict[str, Any] = {k: mean([r[k] for r in per_seed.values()]) for k in keys}
+    result["passed"] = {c: mean([r["passed"][c] for r in per_seed.values()]) for c in CATEGORIES}
+    result["rule"] = (result["world"] + result["category_reward"]) / 2
+    result["seeds"] = per_seed
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs=2, action="append", required=True, metavar=("EXPORT", "DEFAULTS"),
+                   help="a model folder and the generation_defaults.json it would ship with (repeat)")
+    p.add_argument("--out", type=Path, required=True, help="where the measurements go (JSON)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the streams' seeds")
+    p.add_argument("--world", type=int, default=1024, help="world samples per seed, half captions, half edits")
+    p.add_argument("--captions", type=int, default=768, help="category-stream captions per seed")
+    p.add_argument("--dark-prob", type=float, default=0.3, help="share of dark scenes, as in training")
+    args = p.parse_args(argv)
+    if args.world < 2 or args.captions < 1:
+        p.error(f"--world must be at least 2 and --captions at least 1, got {args.world} and {args.captions}")
+    results: dict[str, Any] = {}
+    for export, defaults in args.model:
+        r = measure_model(Path(export), json.loads(Path(defaults).read_text()), tuple(args.seeds), args.world,
+                          args.captions, args.dark_prob)
+        results[export] = r
+        print(f"{export}: rule {r['rule']:.4f} = mean of world {r['world']:.4f} (captions {r['world_captions']:.3f}, "
+              f"edits {r['world_edits']:.3f}) and category {r['category_reward']:.4f} "
+              f"(passed {r['category_passed']:.3f}; " + ", ".join(f"{c} {v:.3f}" for c, v in r["passed"].items())
+              + ")", flush=True)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
+    print(f"chosen by the rule: {max(results, key=lambda m: results[m]['rule'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
