@@ -68,16 +68,21 @@ thought_round() {  # stage, the model it starts from, the seeds of the caption s
 thought_round 29 28-thought-grpo 31 32
 thought_round 30 29-thought-rft 33 34
 thought_round 31 30-thought-rft 35 36 37
+# A fourth round, its examples drawn by stage 31 with the dark-trained VAE's decoder after its three
+# passes alone (the same encoder, so the same latents): stage 31 as v21 shipped it.
+[ -e runs/shapes/31-dec3/export/model.safetensors ] || python -m nextstep.training.ship \
+    runs/shapes/31-thought-rft/export runs/shapes/31-dec3/export --vae runs/shapes/vae-dark-dec3/export \
+    --defaults recipes/shapes/generation_defaults.json --card nextstep/assets/shapes/MODEL_CARD.md
+thought_round 32 31-dec3 38 39 40
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream
-defaults=runs/shapes/31-thought-rft/generation_defaults.json
-cp recipes/shapes/generation_defaults.json runs/shapes/31-thought-rft/export/
-[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/31-thought-rft/export \
+defaults=runs/shapes/32-thought-rft/generation_defaults.json
+cp recipes/shapes/generation_defaults.json runs/shapes/32-thought-rft/export/
+[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/32-thought-rft/export \
     --defaults recipes/shapes/generation_defaults.json --prompts 1024 \
-    --out runs/shapes/31-thought-rft/think_default.json --write "$defaults"
-# ship stage 31 with the dark-trained VAE's decoder after its three passes alone (the same encoder, so the same
-# latents), keeping the model card that ships with it (the only copy in the repository; update its
-# scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/31-thought-rft/export nextstep/assets/shapes \
+    --out runs/shapes/32-thought-rft/think_default.json --write "$defaults"
+# ship stage 32 with that decoder, keeping the model card that ships with it (the only copy in the
+# repository; update its scores after the evaluations below)
+python -m nextstep.training.ship runs/shapes/32-thought-rft/export nextstep/assets/shapes \
     --vae runs/shapes/vae-dark-dec3/export \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
