@@ -30,8 +30,9 @@ def test_ship_takes_its_card_and_defaults_from_the_destination(tmp_path):
 
 def test_think_default_ships_the_best_mode_and_the_cheapest_on_a_tie(tmp_path, monkeypatch):
     defaults = {"cfg": 3.0, "num_sampling_steps": 4, "hw": [64, 64], "use_norm": True}
-    (tmp_path / "d.json").write_text(json.dumps(defaults))
-    args = [str(SHIPPED_MODEL), "--defaults", str(tmp_path / "d.json"), "--prompts", "2",
+    (tmp_path / "d.json").write_text(json.dumps({**defaults, "cfg": 2.0}))
+    (tmp_path / "more.json").write_text(json.dumps({"cfg": 3.0}))  # a later file overrides an earlier one
+    args = [str(SHIPPED_MODEL), "--defaults", str(tmp_path / "d.json"), str(tmp_path / "more.json"), "--prompts", "2",
             "--out", str(tmp_path / "choice.json"), "--write", str(tmp_path / "w.json")]
     assert think_default.main(args) == 0
     choice = json.loads((tmp_path / "choice.json").read_text())
@@ -109,7 +110,7 @@ def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_
     out = tmp_path / "rule.json"
     assert stream_rule.main(["--model", str(SHIPPED_MODEL), str(tmp_path / "d.json"), "--out", str(out),
                              "--seeds", "1000", "--world", "4", "--captions", "12"]) == 0
-    r = json.loads(out.read_text())[str(SHIPPED_MODEL)]
+    r = json.loads(out.read_text())[f"{SHIPPED_MODEL} at {tmp_path / 'd.json'}"]
     assert r["world_edits"] == 0.0 and r["world_captions"] == 1.0 and r["world"] == 0.5
     n_attr = sum(c == "color_attr" for c in by_caption.values())
     assert n_attr > 0 and r["category_reward"] == (12 - n_attr * 0.5) / 12

@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for export, defaults in args.model:
         r = measure_model(Path(export), json.loads(Path(defaults).read_text()), tuple(args.seeds), args.world,
                           args.captions, args.dark_prob)
-        results[export] = r
-        print(f"{export}: rule {r['rule']:.4f} = mean of world {r['world']:.4f} (captions {r['world_captions']:.3f}, "
+        name = f"{export} at {defaults}"  # one export may be measured at several defaults
+        results[name] = r
+        print(f"{name}: rule {r['rule']:.4f} = mean of world {r['world']:.4f} (captions {r['world_captions']:.3f}, "
               f"edits {r['world_edits']:.3f}) and category {r['category_reward']:.4f} "
               f"(passed {r['category_passed']:.3f}; " + ", ".join(f"{c} {v:.3f}" for c, v in r["passed"].items())
               + ")", flush=True)

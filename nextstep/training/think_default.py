@@ -1,6 +1,6 @@
 """Choose whether a shapes-world model thinks by default, on the training stream, not the benchmark.
 
-`python -m nextstep.training.think_default EXPORT --defaults D.json --out CHOICE.json --write W.json`
+`python -m nextstep.training.think_default EXPORT --defaults D.json [MORE.json] --out CHOICE.json --write W.json`
 draws `--prompts` samples of the shapes world exactly as training draws them
 (`make_sample`, half captions and half edits, seeded by `--seed`: a stream of the
 training distribution, never the benchmark's prompt sets), makes one image per
@@ -13,7 +13,8 @@ the other): for each kind the mode with the highest mean reward on its half
 wins, a tie going to the earlier mode (no thinking is the cheapest); the edits
 choose among the modes whose thoughts are sampled as the captions' winner's
 (the text_* settings are shared). CHOICE.json records the numbers; W.json is
-D.json with the winners' settings, the file to ship.
+D.json with the winners' settings, the file to ship. Further files after D.json
+override its keys in order (a recipe's later choice, such as the sampler).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def choose(result: dict[str, Any], modes: dict[str, dict[str, Any]] = MODES) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="a finished run's export folder")
-    p.add_argument("--defaults", type=Path, required=True, help="generation_defaults.json the model will ship with")
+    p.add_argument("--defaults", type=Path, nargs="+", required=True,
+                   help="generation_defaults.json the model will ship with; more files override its keys in order")
     p.add_argument("--out", type=Path, required=True, help="where the measurements go (JSON)")
     p.add_argument("--write", type=Path, required=True, help="the defaults with the chosen mode's settings (JSON)")
     p.add_argument("--prompts", type=int, default=128, help="world samples, half captions, half edits")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.prompts < 2:
         p.error(f"--prompts must be at least 2, got {args.prompts}")
-    defaults = json.loads(args.defaults.read_text())
+    defaults = {k: v for path in args.defaults for k, v in json.loads(path.read_text()).items()}
     pipe = load_at_defaults(args.export, defaults)
     result = measure(pipe, args.prompts, args.seed, pipe.settings.hw[0], args.dark_prob)
     result["chosen"] = choose(result)
