@@ -104,7 +104,8 @@ def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_
         return [0.0 if s is not None else 0.5 if by_caption.get(p) == "color_attr" else 1.0
                 for p, s in zip(prompts, sources)]
 
-    monkeypatch.setattr(stream_rule, "shapes_reward", reward)
+    monkeypatch.setattr(stream_rule, "shapes_reward", reward)  # the category stream
+    monkeypatch.setattr(think_default, "shapes_reward", reward)  # the world stream (think_default.measure)
     defaults = {"num_sampling_steps": 2, "think": False, "think_edits": False}
     (tmp_path / "d.json").write_text(json.dumps(defaults))
     out = tmp_path / "rule.json"

@@ -5,7 +5,7 @@ samples each model once per prompt at the generation defaults it would ship with
 (DEFAULTS.json, as `think_default` wrote them) on two streams drawn the way
 training draws its data, for each seed of `--seeds`:
 
-- the world stream (`think_default.world_stream`): `--world` samples, half
+- the world stream (`think_default.measure` at the shipped defaults): `--world` samples, half
   captions and half edits, scored by the GRPO reward (partial credit for captions,
   pass or fail for edits);
 - the category stream: `--captions` captions drawn as the benchmark's categories
@@ -29,7 +29,7 @@ from ..pipeline import NextStepPipeline
 from ..shapes.dataset import ShapesConfig, make_sample
 from ..shapes.world import CATEGORIES
 from .rewards import shapes_reward
-from .think_default import load_at_defaults, world_stream
+from .think_default import load_at_defaults, measure
 
 SEEDS = (1000, 2000, 3000)
 
@@ -48,17 +48,12 @@ def mean(xs: list[float]) -> float:
 def measure_seed(pipe: NextStepPipeline, seed: int, world: int, captions: int, dark_prob: float) -> dict[str, Any]:
     """One seed's numbers for one model: world stream (captions, edits) and category stream."""
     size = pipe.settings.hw[0]
-    t2i, cases, sources = world_stream(world, seed, size, dark_prob)
-    instructions = [c.instruction for c in cases]
-    images = [g[0] for g in pipe.generate(t2i, seeds=list(range(len(t2i))))]
-    images += [g[0] for g in pipe.generate(instructions, seeds=list(range(len(cases))), images=sources)]
-    scores = shapes_reward(images, t2i + instructions, [None] * len(t2i) + sources)
-    half = len(t2i)
+    shipped = measure(pipe, world, seed, size, dark_prob, modes={"shipped": {}})["modes"]["shipped"]
     cat_captions, categories = category_stream(captions, seed, size, dark_prob)
     cat_images = [g[0] for g in pipe.generate(cat_captions, seeds=list(range(captions)))]
     cat_scores = shapes_reward(cat_images, cat_captions, [None] * captions)
     passed = {c: mean([float(s == 1.0) for s, k in zip(cat_scores, categories) if k == c]) for c in CATEGORIES}
-    return {"world": mean(scores), "world_captions": mean(scores[:half]), "world_edits": mean(scores[half:]),
+    return {"world": shipped["reward"], "world_captions": shipped["reward_t2i"], "world_edits": shipped["reward_edits"],
             "category_reward": mean(cat_scores), "category_passed": mean(list(passed.values())),
             "passed": passed}
 
