@@ -60,8 +60,8 @@ class RequestBuilder:
     def prompt_rows(self, captions: list[str], images: list[Image.Image] | None, n: int, s: GenerationSettings,
                     plain: bool = False, thoughts: Sequence[str] | None = None
                     ) -> tuple[list[Row], list[Image.Image], int]:
-        """The prompt of every row, the source image of every row that has one, and the number of
-        guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each. Markup rows
+        """The prompt of every row, the image of every source block in placeholder order (row by
+        row), and the number of guidance groups. Rows: [cond; uncond_1; (uncond_2)], n rows per caption each. Markup rows
         are strings; `plain` rows are pieces (see `Row`) in which user text is `Plain`.
         `thoughts` (plain only; one per conditional row): each conditional row ends with
         THOUGHT_OPEN + its thought; the unconditional rows carry none (docs/self-cot.md)."""
@@ -73,6 +73,8 @@ class RequestBuilder:
         row_images = [im for im in images for _ in range(n)] if edit else []
         rows = [self._cond_row(c, row_images[i] if edit else None, s, plain,
                                None if thoughts is None else thoughts[i]) for i, c in enumerate(cond)]
+        # Every source block of the cond rows, in placeholder order (two per row after a repeated source).
+        cond_images = [im for im in row_images for _ in range(self.images_per_cond_row(edit, s, thoughts))]
         # uncond_1 keeps the source image but not the text; uncond_2 drops both
         if plain:
             negative: Row = (Plain(s.negative_prompt),)
@@ -82,10 +84,18 @@ class RequestBuilder:
             with_source = [image_block(*self._grid(im)) + negative for im in row_images]
         if groups == 3:
             rows += with_source + [negative] * len(cond)
-            row_images = row_images + row_images
-        elif groups == 2:
+            return rows, cond_images + row_images, groups
+        if groups == 2:
             rows += [negative] * len(cond)
-        return rows, row_images, groups
+        return rows, cond_images, groups
+
+    @staticmethod
+    def images_per_cond_row(edit: bool, s: GenerationSettings, thoughts: Sequence[str] | None) -> int:
+        """Source images in a conditional row: none for text to image, two where an edit's thought is
+        followed by its source once more (`edit_source_after_thought`), else one."""
+        if not edit:
+            return 0
+        return 2 if thoughts is not None and s.edit_source_after_thought else 1
 
     def _rows_to_ids(self, rows: list[str], s: GenerationSettings) -> tuple[Tensor, Tensor]:
         h_tok, w_tok = s.hw[0] // self.down_factor, s.hw[1] // self.down_factor
@@ -136,9 +146,13 @@ class RequestBuilder:
         if config.use_gen_pos_embed:
             pos_embed = sincos_2d(config.hidden_size, h_tok, w_tok).to(self.device, self.model.dtype)
         cfg_img = s.cfg_img if images is not None else 1.0  # text to image has no image guidance
+        images_per_row = ()
+        if images is not None:
+            per_cond = self.images_per_cond_row(True, s, thoughts)
+            images_per_row = (per_cond, 1) if groups == 3 else (per_cond,)
         return GenerationRequest(input_ids.to(self.device), attention_mask.to(self.device), latents, noise, fed_back,
                                  guidance_schedule(s.cfg, cfg_img, s.cfg_schedule, n_tokens, config.family), groups,
-                                 flow, (h_tok, w_tok), pos_embed, s.use_norm)
+                                 flow, (h_tok, w_tok), pos_embed, s.use_norm, images_per_row)
 
     def check_inputs(self, captions: str | Sequence[str], images: Image.Image | Sequence[Image.Image] | None,
                      n: int, s: GenerationSettings, plain: bool = False
@@ -183,18 +197,22 @@ class RequestBuilder:
                   thought: str | None = None, pad_thought: bool = True) -> Row:
         """The conditional row of `caption`, followed by the positive prompt, and with a `thought`
         (plain rows only) by THOUGHT_OPEN and the thought, each encoded on its own (as in training);
-        an edit's thought padded to `s.edit_thought_tokens` unless `pad_thought` is False (the row a
+        an edit's thought padded to `s.edit_thought_tokens` or followed by its source again
+        (`s.edit_source_after_thought`) unless `pad_thought` is False (the row a
         thought is written after ends at THOUGHT_OPEN)."""
         suffix = f" {s.positive_prompt}" if s.positive_prompt else ""
         if not plain:  # markup: the caption's <image> becomes the source image
             return (caption if image is None else caption.replace(IMAGE_TAG, image_block(*self._grid(image)))) + suffix
         tail = () if thought is None else (Plain(THOUGHT_OPEN), Plain(thought))
-        if thought is not None and image is not None and s.edit_thought_tokens and pad_thought:
-            tail = (Plain(THOUGHT_OPEN), Fixed(thought, s.edit_thought_tokens))
         if image is None:
             return (Plain(caption + suffix), *tail)
         # The source image is a piece of its own, never found by searching the user's text.
         block = image_block(*self._grid(image))
+        if thought is not None and pad_thought:  # the row an edit is drawn from, after its thought
+            if s.edit_thought_tokens:
+                tail = (Plain(THOUGHT_OPEN), Fixed(thought, s.edit_thought_tokens))
+            elif s.edit_source_after_thought:
+                tail = (*tail, block)
         if s.source_image == "first":
             return (block, Plain(caption + suffix), *tail)
         return (Plain(caption), block, Plain(suffix), *tail)  # "last": where `with_image_tag` puts it

@@ -77,6 +77,9 @@ class GenerationSettings:
     # sits a fixed distance after its source whatever the thought says: the offset at which a model
     # trained with `[data] edit_thought_tokens` copies the source. 0: as long as it is written.
     edit_thought_tokens: int = 0
+    # An edit's thought followed by its source image once more, so that the target follows a source
+    # as closely as without a thought: for models trained with `[data] edit_source_after_thought`.
+    edit_source_after_thought: bool = False
     text_temperature: float = 1.0  # 0: greedy (the most likely token)
     text_top_k: int = 0  # keep only the k most likely tokens; 0: all
     text_top_p: float = 1.0  # keep the smallest set of tokens holding this much probability; 1: all
@@ -91,6 +94,10 @@ class GenerationSettings:
         if bad:
             problems = [f"{name}={getattr(self, name)!r} (must be {_CHECKS[name][1]})" for name in bad]
             raise InvalidSettings("invalid generation settings: " + "; ".join(problems), bad)
+        if self.edit_thought_tokens and self.edit_source_after_thought:
+            raise InvalidSettings("invalid generation settings: edit_thought_tokens and edit_source_after_thought "
+                                  "are two layouts of an edit's thought; set one",
+                                  ["edit_thought_tokens", "edit_source_after_thought"])
         for name in ("cfg", "cfg_img", "timesteps_shift", "noise_level", "context_noise_std", "text_temperature",
                      "text_top_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -143,6 +150,7 @@ _CHECKS = {
     "think_edits": (lambda v: isinstance(v, bool), "true or false"),
     "thought_max_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "edit_thought_tokens": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: unpadded)"),
+    "edit_source_after_thought": (lambda v: isinstance(v, bool), "true or false"),
     "text_temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: greedy)"),
     "text_top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no top-k)"),
     "text_top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),

@@ -23,6 +23,7 @@ from nextstep.config import NextStepConfig
 from nextstep.data.batching import Collator
 from nextstep.model import NextStep
 from nextstep.pipeline import NextStepPipeline
+from nextstep.sampling.requests import merge_requests
 from nextstep.sampling.text import TextSampling, draw_uniforms, sample_text
 from nextstep.serving import Engine
 from nextstep.settings import GenerationSettings, InvalidSettings
@@ -245,6 +246,55 @@ def test_fixed_length_edit_thoughts_are_the_training_rows_and_keep_the_copy_dist
     tight = Collator(tok, caption_dropout=0.0, source_image="last", edit_thought_tokens=3)
     assert tight([{"key": "e", "instruction": "make it blue", "source": torch.zeros(3, 64, 64),
                    "target": torch.zeros(3, 64, 64), "plan": thoughts[1]}])["skipped"] == ["e"]
+
+
+def test_an_edit_thought_followed_by_its_source_is_the_training_row(pipe: NextStepPipeline) -> None:
+    """With `edit_source_after_thought` a planned edit's prompt is the training row (`[data]
+    edit_source_after_thought`) up to its target: instruction, source, thought, source again; the
+    target follows its second source as an unplanned target follows its only one, and the images of
+    merged requests are those each request gives alone."""
+    tok = pipe.tokenizer
+    thoughts = ["red circle top left", "blue square middle centre, green triangle bottom right on a dark background"]
+    s = pipe.settings.with_overrides(think_edits=True, source_image="last", edit_source_after_thought=True,
+                                     thought_max_tokens=4)
+    collator = Collator(tok, caption_dropout=0.0, source_image="last", edit_source_after_thought=True)
+    source = Image.new("RGB", (64, 64), "red")
+    unplanned = pipe.prepare("make it blue", source, 1, 3, s, plain=True)
+    boi = (unplanned.input_ids[0] == tok.boi_id).nonzero()[:, 0].tolist()
+    last_gap = {boi[-1] - boi[-2]}  # from the source's begin-of-image to the target's
+    requests = []
+    for thought in thoughts:
+        request = pipe.prepare("make it blue", source, 2, 3, s, plain=True, thoughts=[thought, thought])
+        requests.append(request)
+        prompt = request.input_ids[0, request.attention_mask[0].bool()].tolist()
+        row = collator([{"key": "e", "instruction": "make it blue", "source": torch.zeros(3, 64, 64),
+                         "target": torch.zeros(3, 64, 64), "plan": thought}])
+        ids = row["input_ids"][0].tolist()
+        assert prompt == ids[:len(prompt)] and ids[len(prompt)] == tok.placeholder_id
+        assert row["latents_mask"].tolist() == [0.0, 0.0, 1.0] and len(row["pixel_values"]) == 3
+        boi = [i for i, t in enumerate(prompt) if t == tok.boi_id]
+        assert len(boi) == 3  # source, source again, target
+        last_gap.add(boi[2] - boi[1])
+        # cond rows hold two sources each, uncond_1 rows one: 2 x 2 + 2 latents
+        assert request.images_per_row == (2, 1) and request.latents.shape[0] == 6
+        assert (request.input_ids == tok.placeholder_id).sum() == 6 * 16
+    assert len(last_gap) == 1  # the target as far from a source as without a thought
+    requests = [requests[0], pipe.prepare("make it red", Image.new("RGB", (64, 64), "blue"), 2, 4, s, plain=True,
+                                          thoughts=[thoughts[0]] * 2)]
+    merged = pipe.sample_tokens(merge_requests(requests))
+    alone = torch.cat([pipe.sample_tokens(r) for r in requests])
+    torch.testing.assert_close(merged, alone, rtol=0, atol=1e-4)  # batch size: float reassociation only
+    # The whole call: a written thought, then the source again (the row it is written after ends at
+    # THOUGHT_OPEN, so the thought is not cut short by the repeated source).
+    out = pipe("make it blue", image=source, generator=2, **{k: getattr(s, k) for k in (
+        "think_edits", "source_image", "edit_source_after_thought", "thought_max_tokens")})
+    assert len(out.images) == 1 and out.texts[0] == out.texts[0].strip()
+    written_after = tok.encode_row(pipe.thought_prompt("make it blue", source, s))
+    assert written_after.count(tok.boi_id) == 1
+    with pytest.raises(InvalidSettings, match="edit_thought_tokens and edit_source_after_thought"):
+        s.with_overrides(edit_thought_tokens=8)
+    with pytest.raises(ValueError, match="choose one"):
+        Collator(tok, edit_thought_tokens=8, edit_source_after_thought=True)
 
 
 def test_think_is_for_text_to_image_and_think_edits_for_edits(pipe: NextStepPipeline, monkeypatch) -> None:

@@ -266,6 +266,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     ('[data]\nsources = [{ kind = "shapes", dark_prob = 1.5 }]\n', "data.sources[0].dark_prob=1.5 (must be in [0, 1])"),
     ("[train]\ncontext_noise = -0.1\n", "train.context_noise=-0.1 (must be a number >= 0)"),
     ("[data]\nedit_thought_tokens = -1\n", "data.edit_thought_tokens=-1 (must be >= 0; 0: unpadded)"),
+    ("[data]\nedit_thought_tokens = 8\nedit_source_after_thought = true\n",
+     "data.edit_source_after_thought and data.edit_thought_tokens both set"),
     ('[init_blend]\npath = "."\nweight = 0.3\n', "init_blend needs init_from"),
     ('[train]\ntrainable = [""]\n', "train.trainable=[''] (parameter names or prefixes"),
     ("[train]\nhold_images = 1.0\n", "train.hold_images=1.0 (holds the drawing of init_from: a supervised stage "

@@ -41,6 +41,13 @@ plan leaves the sample out), so target token k sits a fixed distance after sourc
 whatever the plan says: the distance at which the model copies its source stays one number, as
 without a plan. The first [PAD] is a CE target (it ends the thought), the rest are not; the
 pipeline pads a written thought the same way (setting `edit_thought_tokens`).
+With `edit_source_after_thought` a planned edit row holds its source twice, the second time
+right after the plan, so the target follows a source as closely as in an unplanned row:
+
+    [text before <image>] + source block + [text after] + THOUGHT_OPEN + plan + source block + target block
+
+(the plan then ends at the second source's `<|image_area|>`; the pipeline lays out a written
+thought the same way, setting `edit_source_after_thought`).
 
 Labels are the input ids, with -100 (no cross-entropy) at padding, at
 begin-of-image and the placeholders, and at the end-of-text right after an
@@ -97,8 +104,8 @@ class Collator:
 
     def __init__(self, tokenizer: TextTokenizer, caption_dropout: float = 0.1, source_dropout: float = 0.0,
                  seed: int = 0, max_length: int | None = None, add_eos: bool = True,
-                 token_pixels: int = TOKEN_PIXELS, source_image: str = "first", edit_thought_tokens: int = 0
-                 ) -> None:
+                 token_pixels: int = TOKEN_PIXELS, source_image: str = "first", edit_thought_tokens: int = 0,
+                 edit_source_after_thought: bool = False) -> None:
         for name, p in (("caption_dropout", caption_dropout), ("source_dropout", source_dropout)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p!r}")
@@ -114,6 +121,10 @@ class Collator:
         if not isinstance(edit_thought_tokens, int) or edit_thought_tokens < 0:
             raise ValueError(f"edit_thought_tokens must be an integer >= 0, got {edit_thought_tokens!r}")
         self.edit_thought_tokens = edit_thought_tokens
+        if edit_source_after_thought and edit_thought_tokens:
+            raise ValueError("edit_source_after_thought and edit_thought_tokens are two ways to keep a planned "
+                             "edit's target at its source's distance: choose one")
+        self.edit_source_after_thought = edit_source_after_thought
         self._block = lru_cache(maxsize=64)(self._block_ids)
 
     # ------------------------------------------------------------------ one row
@@ -180,7 +191,11 @@ class Collator:
                     raise ValueError(f"sample {key!r}: its plan has {len(plan_ids)} tokens, more than "
                                      f"edit_thought_tokens={self.edit_thought_tokens}")
                 thought = enc(THOUGHT_OPEN) + self.tokenizer.fit(plan_ids, self.edit_thought_tokens)
-            ids = enc(before) + list(self._image_block(src)) + enc(after) + thought + tgt_block + eos
+            src_block = list(self._image_block(src))
+            if thought and self.edit_source_after_thought:
+                ids = enc(before) + src_block + enc(after) + thought + src_block + tgt_block + eos
+                return ids, [src, src, tgt], [0.0, 0.0, 1.0], dropped
+            ids = enc(before) + src_block + enc(after) + thought + tgt_block + eos
             return ids, [src, tgt], [0.0, 1.0], dropped
         raise ValueError(f"sample {key!r} has neither a caption nor an instruction (keys: {sorted(sample)})")
 

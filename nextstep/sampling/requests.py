@@ -25,7 +25,8 @@ class GenerationRequest:
 
     input_ids: Tensor  # (groups * B, T), left-padded
     attention_mask: Tensor
-    latents: Tensor | list[Tensor] | None  # scaled source-image latents, one per image-bearing row
+    # Scaled source-image latents in placeholder order (row by row, each row's images left to right).
+    latents: Tensor | list[Tensor] | None
     noise: Tensor  # (n_tokens, noise_draws, B, token_dim)
     context_noise: Tensor | None  # (n_tokens, B, token_dim), already scaled: added to fed-back tokens
     guidance: list[tuple[float, float]]  # (cfg, cfg_img) per token
@@ -34,6 +35,9 @@ class GenerationRequest:
     grid: tuple[int, int]  # image tokens per column and row
     pos_embed: Tensor | None
     use_norm: bool
+    # Source images in one row of each guidance group that holds them ((1,) or (1, 1): cond and
+    # uncond_1; (2, 1) where a cond row repeats its source after a thought); () without sources.
+    images_per_row: tuple[int, ...] = ()
 
     @property
     def prompt_length(self) -> int:
@@ -46,7 +50,7 @@ def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
     first = requests[0]
     if len(requests) == 1:
         return first
-    same = ("groups", "grid", "guidance", "use_norm", "sampler", "prompt_length")
+    same = ("groups", "grid", "guidance", "use_norm", "sampler", "prompt_length", "images_per_row")
     for r in requests[1:]:
         differ = [k for k in same if getattr(r, k) != getattr(first, k)]
         if (r.latents is None) != (first.latents is None):
@@ -68,13 +72,16 @@ def merge_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
         context_noise = torch.cat([r.context_noise for r in requests], dim=1)
     latents = None
     if first.latents is not None:
-        lat = [r.latents if isinstance(r.latents, Tensor) else torch.cat(r.latents) for r in requests]
-        image_groups = 2 if g == 3 else 1  # rows holding the source image: cond (and uncond_1)
-        latents = merged(lat, image_groups)
+        # Each request's latents split by guidance group (rows x images per row), then joined group by group.
+        chunks = []
+        for r in requests:
+            lat = r.latents if isinstance(r.latents, Tensor) else torch.cat(r.latents)
+            chunks.append(lat.split([r.noise.shape[2] * k for k in r.images_per_row]))
+        latents = torch.cat([c[i] for i in range(len(first.images_per_row)) for c in chunks])
     return GenerationRequest(
         merged([r.input_ids for r in requests], g), merged([r.attention_mask for r in requests], g), latents,
         torch.cat([r.noise for r in requests], dim=2), context_noise, first.guidance, g, first.sampler, first.grid,
-        first.pos_embed, first.use_norm)
+        first.pos_embed, first.use_norm, first.images_per_row)
 
 
 def guidance_schedule(cfg: float, cfg_img: float, schedule: str, n_tokens: int, family: str

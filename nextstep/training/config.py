@@ -85,6 +85,7 @@ class DataSection:
     caption_dropout: float = 0.1
     source_image: str = "first"  # edits: where an instruction without <image> gets its source ("first"/"last")
     edit_thought_tokens: int = 0  # edit rows' plans padded with [PAD] to this many tokens (docs/self-cot.md); 0: none
+    edit_source_after_thought: bool = False  # planned edit rows repeat their source after the plan (docs/self-cot.md)
 
 
 @dataclass
@@ -280,6 +281,9 @@ class TrainConfig:
             problems.append(f"data.source_image={self.data.source_image!r} (first or last)")
         if self.data.edit_thought_tokens < 0:
             problems.append(f"data.edit_thought_tokens={self.data.edit_thought_tokens} (must be >= 0; 0: unpadded)")
+        if self.data.edit_source_after_thought and self.data.edit_thought_tokens:
+            problems.append("data.edit_source_after_thought and data.edit_thought_tokens both set (choose one way "
+                            "to keep a planned edit's target at its source's distance)")
         per_step = world_size * self.optim.grad_accum
         if per_step >= 1 and self.data.batch_size % per_step:
             problems.append(f"data.batch_size={self.data.batch_size} is not divisible by "

@@ -143,7 +143,9 @@ class DPOStage:
         self.per_rank = config.data.batch_size // (env.world_size * self.accum)
         token_pixels = ctx.vae.down_factor * ctx.model.config.latent_patch_size
         self.collator = Collator(ctx.tokenizer, caption_dropout=0.0, seed=config.seed, token_pixels=token_pixels,
-                                 source_image=config.data.source_image)
+                                 source_image=config.data.source_image,
+                                 edit_thought_tokens=config.data.edit_thought_tokens,
+                                 edit_source_after_thought=config.data.edit_source_after_thought)
         if env.distributed:  # forward_hidden on the sharded root then gathers its parameters as forward does
             from torch.distributed.fsdp import register_fsdp_forward_method
 

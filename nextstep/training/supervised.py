@@ -147,7 +147,8 @@ class SupervisedStage:
         self.token_pixels = ctx.vae.down_factor * ctx.model.config.latent_patch_size
         collator = Collator(ctx.tokenizer, caption_dropout=config.data.caption_dropout, seed=config.seed,
                             token_pixels=self.token_pixels, source_image=config.data.source_image,
-                            edit_thought_tokens=config.data.edit_thought_tokens)
+                            edit_thought_tokens=config.data.edit_thought_tokens,
+                            edit_source_after_thought=config.data.edit_source_after_thought)
         self.batches = Batches(config, collator, per_rank, env.rank, env.world_size)
         # `[train] hold_images`: the frozen starting model whose drawing the stage keeps.
         self.reference = reference_model(config, env.device) if config.train.hold_images else None
