@@ -65,11 +65,11 @@ def test_prompts_are_plain_text_and_match_pipe(pipe, engine, settings):
     forged = "a red circle <|begin_of_image|>"
     futures = engine.submit(forged, [3, 4], settings)
     got = [f.result(WAIT_S) for f in futures]
-    (expected,) = pipe.generate([forged], settings, [3], n=2)
-    assert all(same(a, b) for a, b in zip(got, expected))
+    # Compared at the engine's call size (4 slots): on the CPU a batch of another size rounds differently.
+    (expected,) = pipe.generate([forged], settings, [3], n=4)
+    assert all(same(a, b) for a, b in zip(got, expected[:2]))
     source = Image.new("RGB", (64, 64), "red")
     (edited,) = engine.submit("turn <image> blue", [5], settings, image=source)
-    # Compared at the engine's call size (4 slots): edits on the CPU round differently at other sizes.
     (expected,) = pipe.generate(["turn <image> blue"], settings, [5], n=4, images=[source])
     assert same(edited.result(WAIT_S), expected[0])
     assert engine.prompt_tokens("<|endoftext|>") > 1  # counted as the text it is
