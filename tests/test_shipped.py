@@ -9,7 +9,7 @@ from nextstep import NextStepPipeline
 from nextstep.pipeline import SHIPPED_MODEL
 from nextstep.shapes.detector import detect
 
-MAX_BYTES = 40 * 2**20
+MAX_BYTES = 56 * 2**20  # in the wheel: v23 (12 decoder layers, float32) is 46 MiB
 
 
 @pytest.fixture(scope="module")
