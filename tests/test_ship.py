@@ -85,6 +85,7 @@ def test_measure_scores_any_settings_with_pass_rates_per_part(monkeypatch):
 def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_path, monkeypatch):
     """The stage-choosing rule: world stream (captions, then edits) and category stream scored
     apart, the rule the mean of their rewards, each category's pass rate over its own captions."""
+    from nextstep.shapes.detector import Detected, Detection
     from nextstep.shapes.world import CATEGORIES
     from nextstep.training import stream_rule
 
@@ -105,6 +106,14 @@ def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_
                 for p, s in zip(prompts, sources)]
 
     monkeypatch.setattr(stream_rule, "shapes_reward", reward)  # the category stream
+    # every image shows a brown blob; only the captions without a colour word may count
+    judged = []
+
+    def detect_brown(image):
+        judged.append(image)
+        return Detection(64, "light", (Detected(None, None, (0, 0, 8, 8), 64, (120, 70, 20)),))
+
+    monkeypatch.setattr(stream_rule, "detect", detect_brown)
     monkeypatch.setattr(think_default, "shapes_reward", reward)  # the world stream (think_default.measure)
     defaults = {"num_sampling_steps": 2, "think": False, "think_edits": False}
     (tmp_path / "d.json").write_text(json.dumps(defaults))
@@ -118,3 +127,5 @@ def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_
     assert r["passed"]["color_attr"] == 0.0
     assert all(r["passed"][c] == 1.0 for c in set(by_caption.values()) - {"color_attr"})
     assert r["rule"] == (r["world"] + r["category_reward"]) / 2
+    plain = [c for c in by_caption if not any(w in c for w in colours)]
+    assert len(judged) == len(plain) > 0 and r["off_palette"] == 1.0

@@ -145,7 +145,7 @@ def _run(pipe: NextStepPipeline, kind: str, instances: list[Instance], n: int, s
         inst = instances[idx]
         results = [inst.judge(im) for im in images]
         row = {**inst.record, "seed": inst.seed, "passed": [r.passed for r in results],
-               "reasons": [r.reason for r in results], "off_palette": [off_palette(r) for r in results]}
+               "reasons": [r.reason for r in results], "off_palette": [r.detection.off_palette for r in results]}
         if settings.thinks(edit=sources is not None):
             row.update(_judge_thoughts(inst, results, thoughts))
         framed = ([(inst.source, None)] if inst.source is not None else []) + \
@@ -179,11 +179,6 @@ def _judge_thoughts(inst: Instance, results: list[CheckResult], thoughts: list[s
 THOUGHT_CHECKS = ("thought_agrees_with_caption", "image_agrees_with_thought")  # their shares, in the report
 THOUGHT_LEGEND = {"thought_agrees_with_caption": "share of thoughts that fit the caption",
                   "image_agrees_with_thought": "share of images that show their thought"}
-
-
-def off_palette(result: CheckResult) -> bool:
-    """Whether the checker found an object of no palette colour (off-palette, or mixed) in the image."""
-    return any(o.colour is None for o in result.detection.objects)
 
 
 def _summarise(kind: str, cases: dict[str, list[dict]], settings: dict, model: str | None, t0: float

@@ -67,6 +67,11 @@ class Detection:
     background: str | None  # None: neither light nor dark
     objects: tuple[Detected, ...]
 
+    @property
+    def off_palette(self) -> bool:
+        """Whether some object is of no palette colour (off-palette, or mixed)."""
+        return any(o.colour is None for o in self.objects)
+
     def describe(self) -> str:
         objs = ", ".join(o.describe() for o in self.objects) or "no objects"
         return f"{objs} on a {self.background or 'unknown'} background"

@@ -10,7 +10,9 @@ training draws its data, for each seed of `--seeds`:
   pass or fail for edits);
 - the category stream: `--captions` captions drawn as the benchmark's categories
   name colours (each category a sixth), scored the same way, with the pass rate of
-  each category.
+  each category, and `off_palette`: the share of its captions without a colour word
+  whose image shows an object of no palette colour (the benchmark's off-palette measure,
+  reported beside the rule, not part of it).
 
 The rule (`docs/self-cot.md`): the model with the highest mean of the two streams'
 rewards, averaged over the seeds, wins. The benchmark's prompt sets are drawn from
@@ -27,6 +29,8 @@ from typing import Any
 from ..io.atomic import atomic_write
 from ..pipeline import NextStepPipeline
 from ..shapes.dataset import ShapesConfig, make_sample
+from ..shapes.detector import detect
+from ..shapes.grammar import parse_caption
 from ..shapes.world import CATEGORIES
 from .rewards import shapes_reward
 from .think_default import load_at_defaults, measure
@@ -53,9 +57,11 @@ def measure_seed(pipe: NextStepPipeline, seed: int, world: int, captions: int, d
     cat_images = [g[0] for g in pipe.generate(cat_captions, seeds=list(range(captions)))]
     cat_scores = shapes_reward(cat_images, cat_captions, [None] * captions)
     passed = {c: mean([float(s == 1.0) for s, k in zip(cat_scores, categories) if k == c]) for c in CATEGORIES}
+    plain = [im for im, c in zip(cat_images, cat_captions) if all(o.colour is None for o in parse_caption(c).objects)]
+    off_palette = mean([float(detect(im).off_palette) for im in plain])
     return {"world": shipped["reward"], "world_captions": shipped["reward_t2i"], "world_edits": shipped["reward_edits"],
             "category_reward": mean(cat_scores), "category_passed": mean(list(passed.values())),
-            "passed": passed}
+            "off_palette": off_palette, "passed": passed}
 
 
 def measure_model(export: Path, defaults: dict[str, Any], seeds: tuple[int, ...], world: int, captions: int,
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: rule {r['rule']:.4f} = mean of world {r['world']:.4f} (captions {r['world_captions']:.3f}, "
               f"edits {r['world_edits']:.3f}) and category {r['category_reward']:.4f} "
               f"(passed {r['category_passed']:.3f}; " + ", ".join(f"{c} {v:.3f}" for c, v in r["passed"].items())
-              + ")", flush=True)
+              + f"); off-palette without colour words {r['off_palette']:.4f}", flush=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
     print(f"chosen by the rule: {max(results, key=lambda m: results[m]['rule'])}")
     return 0
