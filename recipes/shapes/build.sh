@@ -86,14 +86,15 @@ done_stage recipes/shapes/35-edits-longer.toml || nextstep train recipes/shapes/
 done_stage recipes/shapes/36-fourth-cycle.toml || nextstep train recipes/shapes/36-fourth-cycle.toml --resume
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream, with
 # the sampler of sampler-cps.json (chosen on the training streams: python -m nextstep.training.stream_rule)
-defaults=runs/shapes/36-fourth-cycle/generation_defaults.json
-cp recipes/shapes/generation_defaults.json runs/shapes/36-fourth-cycle/export/
-[ -e "$defaults" ] || python -m nextstep.training.think_default runs/shapes/36-fourth-cycle/export \
+final=runs/shapes/36-fourth-cycle   # the stage that ships
+defaults=$final/generation_defaults.json
+cp recipes/shapes/generation_defaults.json $final/export/
+[ -e "$defaults" ] || python -m nextstep.training.think_default $final/export \
     --defaults recipes/shapes/generation_defaults.json recipes/shapes/sampler-cps.json --prompts 1024 \
-    --out runs/shapes/36-fourth-cycle/think_default.json --write "$defaults"
-# ship stage 36 with that decoder, keeping the model card that ships with it (the only copy in the
+    --out $final/think_default.json --write "$defaults"
+# ship it with that decoder, keeping the model card that ships with it (the only copy in the
 # repository; update its scores after the evaluations below)
-python -m nextstep.training.ship runs/shapes/36-fourth-cycle/export nextstep/assets/shapes \
+python -m nextstep.training.ship $final/export nextstep/assets/shapes \
     --vae runs/shapes/vae-dark-dec3/export \
     --defaults "$defaults" --card nextstep/assets/shapes/MODEL_CARD.md
 nextstep eval shapes --out runs/shapes/eval-shapes   # the shipped model, as a user gets it
