@@ -50,9 +50,8 @@ done_stage recipes/shapes/28-thought-grpo.toml || nextstep train recipes/shapes/
 # at temperature 1, each drawn at the generation defaults, the best image kept with its thought where
 # the checker passes it), the drawing held; stage 30 is stage 29's file from stage 29, and stage 31
 # a third round with a third caption set, of two coloured objects alone.
-thought_round() {  # stage, the model it starts from, the seeds of the caption sets (a third: color_attr)
+draw_thoughts() {  # stage, the model it starts from, the seeds of the caption sets (a third: color_attr)
     local stage=$1 from=runs/shapes/$2/export
-    done_stage "recipes/shapes/$stage-thought-rft.toml" && return
     cp recipes/shapes/generation_defaults.json "$from/"
     for set in "bc 1536 $3 --benchmark-colours" "world 1024 $4" \
                ${5:+"cattr 1536 $5 --benchmark-colours --categories color_attr"}; do
@@ -63,7 +62,11 @@ thought_round() {  # stage, the model it starts from, the seeds of the caption s
             --model "$from" --out "runs/shapes/$stage-thoughts-$name" --num "$num" -n 4 \
             --seed "$seed" --dark-prob 0.3 --think --text-temperature 1.0 "$@" --overwrite
     done
-    nextstep train "recipes/shapes/$stage-thought-rft.toml" --resume
+}
+thought_round() {  # draw_thoughts' arguments, then the stage that trains on them
+    done_stage "recipes/shapes/$1-thought-rft.toml" && return
+    draw_thoughts "$@"
+    nextstep train "recipes/shapes/$1-thought-rft.toml" --resume
 }
 thought_round 29 28-thought-grpo 31 32
 thought_round 30 29-thought-rft 33 34
@@ -84,6 +87,9 @@ done_stage recipes/shapes/34-longer.toml || nextstep train recipes/shapes/34-lon
 done_stage recipes/shapes/35-edits-longer.toml || nextstep train recipes/shapes/35-edits-longer.toml --resume
 # and for a fourth, a tenth of it fresh captions of the world with their true plans
 done_stage recipes/shapes/36-fourth-cycle.toml || nextstep train recipes/shapes/36-fourth-cycle.toml --resume
+# and for a fifth, its thought examples drawn afresh by stage 36
+done_stage recipes/shapes/37-fifth-cycle.toml || { draw_thoughts 37 36-fourth-cycle 41 42 43;
+    nextstep train recipes/shapes/37-fifth-cycle.toml --resume; }
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream, with
 # the sampler of sampler-cps.json (chosen on the training streams: python -m nextstep.training.stream_rule)
 final=runs/shapes/36-fourth-cycle   # the stage that ships
