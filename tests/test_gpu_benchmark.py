@@ -33,4 +33,4 @@ def test_gpu_benchmark_runs_at_a_tiny_size_on_the_cpu(capsys):
         assert abs(float(cells[7].rstrip("x")) / (image_s / bound_s) - 1) < 0.02
     diff = float(re.search(r"compiled vs eager tokens, batch 1: max abs difference (\S+)", out).group(1))
     assert diff <= 1e-5, out
-    assert "'flow head': [('euler_maruyama', 3, None)]" in out  # one graph for the head, no eager fallback
+    assert "'flow head': [('euler_maruyama', 3, None, 1, 2)]" in out  # one graph (batch 1, CFG), no eager fallback

@@ -54,3 +54,26 @@ def test_the_compiled_loop_ran(compiled_pipes):
         shapes = pipe.compiled.shapes
         assert shapes["decoder"] and shapes["flow head"], name
         assert all(s != ("eager from here",) for s in shapes["decoder"] + shapes["flow head"]), name
+
+
+def test_flow_head_graphs_are_bounded_per_batch(ref10, monkeypatch):
+    """Each (batch, guidance groups) the flow head meets is a graph of its own and counts against
+    `MAX_SHAPES`; past the bound a new batch runs eagerly (recorded once) with the same tokens."""
+    import nextstep.sampling.compiled as compiled
+
+    monkeypatch.setattr(compiled, "MAX_SHAPES", 2)
+    pipe = NextStepPipeline.from_pretrained(ref10 / "model", ref10 / "vae", device="cpu", dtype=torch.float32)
+
+    def tokens(batch: int) -> torch.Tensor:
+        request = pipe.official_request("a red fox", num_images_per_caption=batch, seed=3, hw=(32, 32), cfg=3.0,
+                                        num_sampling_steps=4)
+        return pipe.sample_tokens(request)
+
+    eager = {batch: tokens(batch) for batch in (1, 2, 3)}
+    pipe.compiled = compiled.CompiledLoop(torch.device("cpu"), backend="eager")
+    for batch in (1, 2, 3):
+        # (float rounding only: the compiled loop attends over a cache of a bucketed length)
+        torch.testing.assert_close(tokens(batch), eager[batch], atol=1e-4, rtol=0, msg=f"batch {batch}")
+    head = pipe.compiled.shapes["flow head"]
+    assert [shape[-2:] for shape in head[:2]] == [(1, 2), (2, 2)], head
+    assert head[2:] == [("eager from here",)], head

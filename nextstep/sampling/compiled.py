@@ -113,7 +113,8 @@ class CompiledLoop:
             if self.device.type == "cuda":
                 for t in prepared.static_tensors():
                     torch._dynamo.mark_static_address(t)
-            if self._admit("flow head", (sampler.kind, sampler.num_steps, autocast_dtype)):
-                prepared.compile(**self.options)
+            # Each (batch, groups) it meets is a graph of its own: all count against the head's bound.
+            head = (sampler.kind, sampler.num_steps, autocast_dtype)
+            prepared.compile(admit=lambda shape: self._admit("flow head", (*head, *shape)), **self.options)
             self._samplers[key] = prepared
         return self._samplers[key]

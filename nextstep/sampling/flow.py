@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,7 @@ class PreparedSampler:
         self.bias_terms = (b[:, None] * bias.float()[None])[:, None]  # (steps, 1, D): b_i * final bias
         self.stochastic = bool(sigma.any())
         self.compiled = None
+        self.admit: Callable[[tuple[int, int]], bool] | None = None  # see compile
 
     def sample(self, c: Tensor, noise: Tensor, groups: int, cfg: float, cfg_img: float = 1.0) -> Tensor:
         """One token per conditional row.
@@ -208,7 +210,8 @@ class PreparedSampler:
         Returns (B, token_dim) in c's dtype.
         """
         mix = guidance_weights(groups, cfg, cfg_img, c.dtype, c.device)
-        if self.compiled is not None:  # the whole integration as one graph (static shapes per steps)
+        if self.compiled is not None and (self.admit is None or self.admit((c.shape[0] // groups, groups))):
+            # the whole integration as one graph (static shapes per batch, groups and steps)
             # A CUDA graph's output is overwritten by its next replay: the caller keeps a copy.
             return self.compiled(c, noise[: self.sampler.noise_draws], mix, groups).clone()
         # Every step's adaLN parameters in one matmul, into a buffer kept for the call's next tokens,
@@ -229,9 +232,12 @@ class PreparedSampler:
             tensors += [t for t in block if isinstance(t, Tensor)]
         return tensors
 
-    def compile(self, **options) -> None:
-        """Run `integrate` through `torch.compile(**options)` from now on (see sampling/compiled.py)."""
+    def compile(self, admit: Callable[[tuple[int, int]], bool] | None = None, **options) -> None:
+        """Run `integrate` through `torch.compile(**options)` from now on (see sampling/compiled.py).
+        Each new (batch, groups) is a new graph: `admit(shape)`, if given, says whether it may be
+        compiled (else that call runs eagerly), so the number of graphs can be bounded."""
         self.compiled = torch.compile(self.integrate, **options)
+        self.admit = admit
 
     def integrate(self, c: Tensor, noise: Tensor, mix: Tensor | None, groups: int, buffer: Tensor | None = None,
                   parts: list[tuple[Tensor, ...]] | None = None) -> Tensor:
