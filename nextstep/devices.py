@@ -31,6 +31,12 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def preferred_cpu_dtype(preference: str | None) -> str | None:
+    """A model's CPU dtype preference (`cpu_dtype`) as this CPU takes it: "bf16-mixed" only where
+    bf16 is native (emulated bf16 matmuls are several times slower than float32), else float32."""
+    return "float32" if preference == MIXED and not cpu_has_native_bf16() else preference
+
+
 def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
             cpu_preference: str | None = None) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
     """(device, weight dtype, autocast dtype or None). `cpu_preference` is a model's own choice
@@ -38,7 +44,7 @@ def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype |
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None and device.type == "cpu" and cpu_preference is not None:
-        dtype = cpu_preference if cpu_preference != MIXED or cpu_has_native_bf16() else "float32"
+        dtype = preferred_cpu_dtype(cpu_preference)
     if dtype == MIXED:
         return device, torch.float32, torch.bfloat16
     if isinstance(dtype, str):

@@ -27,6 +27,7 @@ from nextstep.errors import CheckpointError
 from nextstep.pipeline import NextStepPipeline
 from nextstep.sampling.requests import merge_requests
 from nextstep.settings import GenerationSettings
+from nextstep.training.think_default import load_at_defaults
 from nextstep.text import with_image_tag
 from nextstep.shapes import (
     CATEGORIES,
@@ -189,8 +190,11 @@ def test_a_model_may_ask_for_bf16_mixed_on_cpus(model: Path, tmp_path: Path, mon
     pipe = NextStepPipeline.from_pretrained(folder, device="cpu")
     assert pipe.autocast_dtype == torch.bfloat16 and pipe.model.embed_tokens.weight.dtype == torch.float32
     assert NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32").autocast_dtype is None
+    # The training streams' loader (think_default, stream_rule) takes the defaults' cpu_dtype as users do.
+    assert load_at_defaults(folder, {"cpu_dtype": "bf16-mixed"}).autocast_dtype == torch.bfloat16
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower
     assert NextStepPipeline.from_pretrained(folder, device="cpu").autocast_dtype is None
+    assert load_at_defaults(folder, {"cpu_dtype": "bf16-mixed"}).autocast_dtype is None
     assert devices.resolve("cpu", "bf16-mixed") == (torch.device("cpu"), torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
         devices.resolve("cpu", "bf16".replace("6", "7"))

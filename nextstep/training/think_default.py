@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..devices import preferred_cpu_dtype
 from ..io.atomic import atomic_write
 from ..pipeline import NextStepPipeline
 from ..shapes.dataset import ShapesConfig, make_sample
@@ -40,8 +41,10 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 def load_at_defaults(export: Path, defaults: dict[str, Any]) -> NextStepPipeline:
-    """A model on the CPU at the generation defaults `defaults` (a generation_defaults.json's content)."""
-    pipe = NextStepPipeline.from_pretrained(export, dtype=defaults.get("cpu_dtype"), device="cpu")
+    """A model on the CPU at the generation defaults `defaults` (a generation_defaults.json's content),
+    in the dtype a user of this CPU gets (bf16-mixed only where bf16 is native)."""
+    dtype = preferred_cpu_dtype(defaults.get("cpu_dtype"))
+    pipe = NextStepPipeline.from_pretrained(export, dtype=dtype, device="cpu")
     pipe.settings = pipe.settings.with_overrides(**{k: v for k, v in defaults.items() if k != "cpu_dtype"})
     return pipe
 
