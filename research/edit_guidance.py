@@ -15,8 +15,9 @@ of the paired difference (per edit: the winner's pass minus the defaults', over 
 edits). Results are written after every seed, so a stopped run keeps what it measured.
 
 Measured on the shipped model (v26, defaults cfg_img 1.5, edits drawn without a thought), 512
-edits x seeds 1000 / 2000 / 3000, float32 on an AMD EPYC (AVX2), 2026-12-06, about 0.5 s per
-edit:
+edits x seeds 1000 / 2000 / 3000, bf16 autocast (the shipped `cpu_dtype`, emulated on this
+AMD EPYC with AVX2 only, before `load_at_defaults` fell back to float32 there), 2026-12-06, about
+0.5 s per edit:
 
 | cfg_img | seed 1000 | seed 2000 | seed 3000 | all |
 |---|---|---|---|---|
