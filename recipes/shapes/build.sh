@@ -87,12 +87,14 @@ done_stage recipes/shapes/34-longer.toml || nextstep train recipes/shapes/34-lon
 done_stage recipes/shapes/35-edits-longer.toml || nextstep train recipes/shapes/35-edits-longer.toml --resume
 # and for a fourth, a tenth of it fresh captions of the world with their true plans
 done_stage recipes/shapes/36-fourth-cycle.toml || nextstep train recipes/shapes/36-fourth-cycle.toml --resume
-# (a fifth cycle, trained but not yet judged, so not built here: its thought examples drawn afresh by
-# stage 36, then the stage:
-#   draw_thoughts 37 36-fourth-cycle 41 42 43; nextstep train recipes/shapes/37-fifth-cycle.toml --resume)
+# and for a fifth, its thought examples drawn afresh by stage 36
+done_stage recipes/shapes/37-fifth-cycle.toml || {
+    draw_thoughts 37 36-fourth-cycle 41 42 43
+    nextstep train recipes/shapes/37-fifth-cycle.toml --resume
+}
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream, with
 # the sampler of sampler-cps.json (chosen on the training streams: python -m nextstep.training.stream_rule)
-final=runs/shapes/36-fourth-cycle   # the stage that ships
+final=runs/shapes/37-fifth-cycle   # the stage that ships
 defaults=$final/generation_defaults.json
 cp recipes/shapes/generation_defaults.json $final/export/
 [ -e "$defaults" ] || python -m nextstep.training.think_default $final/export \
