@@ -78,16 +78,18 @@ def test_image_k_of_a_request_is_the_image_of_seed_plus_k(client):
 
 
 @pytest.mark.parametrize("prompts, shared", [
-    # prompts of one length share model calls
+    # prompts of one length share model calls (drawn without a thought: a thought joins the image
+    # prompt, and its length is the model's to choose)
     (["a red circle", "a blue square", "a purple square", "a green triangle"], True),
-    # others run in calls of their own length: nothing is padded for a neighbour
+    # others run in calls of their own length: nothing is padded for a neighbour (with thoughts)
     (["a red circle", "a green triangle above a blue square", "three yellow circles", "a square"], False),
 ])
 def test_concurrent_requests_match_their_lone_results(client, served, prompts, shared):
     pipe = served.engine.pipe
     lengths = {pipe.prompt_length(p, None, pipe.settings) for p in prompts}
     assert (len(lengths) == 1) == shared
-    alone = [generate(client, p, seed=7) for p in prompts]
+    extra = {"think": False} if shared else {}
+    alone = [generate(client, p, seed=7, **extra) for p in prompts]
     calls_before, gather_s = served.engine.batches, served.engine.gather_s
     # A gathering window long enough for four HTTP requests to arrive on a busy machine (50 ms is
     # not when another process holds the cores, nor was 1 s beside a training run), so whether they
@@ -96,7 +98,7 @@ def test_concurrent_requests_match_their_lone_results(client, served, prompts, s
     served.engine.gather_s = 5.0 if shared else 1.0
     try:
         with ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(lambda p: generate(client, p, seed=7), prompts))
+            together = list(pool.map(lambda p: generate(client, p, seed=7, **extra), prompts))
     finally:
         served.engine.gather_s = gather_s
     assert together == alone  # byte-identical PNGs, whatever shared the call
