@@ -92,9 +92,15 @@ done_stage recipes/shapes/37-fifth-cycle.toml || {
     draw_thoughts 37 36-fourth-cycle 41 42 43
     nextstep train recipes/shapes/37-fifth-cycle.toml --resume
 }
+# and stage 37 with edits at 80% of the rows and half the learning rate, reading thought examples
+# drawn by stage 37 (stage 38's, which its own cycle did not use well)
+done_stage recipes/shapes/39-edits-polish.toml || {
+    draw_thoughts 38 37-fifth-cycle 44 45 46
+    nextstep train recipes/shapes/39-edits-polish.toml --resume
+}
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream, with
 # the sampler of sampler-cps.json (chosen on the training streams: python -m nextstep.training.stream_rule)
-final=runs/shapes/37-fifth-cycle   # the stage that ships
+final=runs/shapes/39-edits-polish   # the stage that ships
 defaults=$final/generation_defaults.json
 cp recipes/shapes/generation_defaults.json $final/export/
 [ -e "$defaults" ] || python -m nextstep.training.think_default $final/export \
