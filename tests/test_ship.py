@@ -129,3 +129,16 @@ def test_stream_rule_means_the_two_streams_over_seeds_and_splits_categories(tmp_
     assert r["rule"] == (r["world"] + r["category_reward"]) / 2
     plain = [c for c in by_caption if not any(w in c for w in colours)]
     assert len(judged) == len(plain) > 0 and r["off_palette"] == 1.0
+
+
+def test_stream_rule_chooses_the_best_rule_among_models_within_the_off_palette_limit():
+    """A model over the off-palette limit is not chosen however high its rule (stage 40: 0.9554 at
+    1.95% against stage 39's 0.9545 at 0.65%); with none within it, nothing is chosen."""
+    from nextstep.training.stream_rule import choose
+
+    results = {"39": {"rule": 0.9545, "off_palette": 0.0065}, "40": {"rule": 0.9554, "off_palette": 0.0195},
+               "37": {"rule": 0.9511, "off_palette": 0.0039}}
+    assert choose(results, 0.01) == "39"
+    assert choose(results, 0.02) == "40"
+    assert choose(results, 0.005) == "37"
+    assert choose(results, 0.001) is None

@@ -14,8 +14,9 @@ training draws its data, for each seed of `--seeds`:
   whose image shows an object of no palette colour (the benchmark's off-palette measure,
   reported beside the rule, not part of it).
 
-The rule (`docs/self-cot.md`): the model with the highest mean of the two streams'
-rewards, averaged over the seeds, wins. The benchmark's prompt sets are drawn from
+The rule (`docs/self-cot.md`): among the models whose off-palette share is at most
+`--max-off-palette` (the 1% the shapes model is held to), the one with the highest mean
+of the two streams' rewards, averaged over the seeds, wins. The benchmark's prompt sets are drawn from
 other seeds and are measured once, after the choice.
 """
 
@@ -77,6 +78,13 @@ def measure_model(export: Path, defaults: dict[str, Any], seeds: tuple[int, ...]
     return result
 
 
+def choose(results: dict[str, dict[str, Any]], max_off_palette: float) -> str | None:
+    """The rule's choice: the highest `rule` among the results whose `off_palette` is at most
+    `max_off_palette`; None when no result is within it."""
+    within = [name for name, r in results.items() if r["off_palette"] <= max_off_palette]
+    return max(within, key=lambda name: results[name]["rule"]) if within else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs=2, action="append", required=True, metavar=("EXPORT", "DEFAULTS"),
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=1024, help="world samples per seed, half captions, half edits")
     p.add_argument("--captions", type=int, default=768, help="category-stream captions per seed")
     p.add_argument("--dark-prob", type=float, default=0.3, help="share of dark scenes, as in training")
+    p.add_argument("--max-off-palette", type=float, default=0.01,
+                   help="a model with more off-palette images than this share is not chosen")
     args = p.parse_args(argv)
     if args.world < 2 or args.captions < 1:
         p.error(f"--world must be at least 2 and --captions at least 1, got {args.world} and {args.captions}")
@@ -100,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(passed {r['category_passed']:.3f}; " + ", ".join(f"{c} {v:.3f}" for c, v in r["passed"].items())
               + f"); off-palette without colour words {r['off_palette']:.4f}", flush=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
-    print(f"chosen by the rule: {max(results, key=lambda m: results[m]['rule'])}")
+    chosen = choose(results, args.max_off_palette)
+    print(f"chosen by the rule: {chosen}" if chosen else
+          f"chosen by the rule: none (every model's off-palette share is above {args.max_off_palette})")
     return 0
 
 
