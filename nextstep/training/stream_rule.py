@@ -12,12 +12,12 @@ training draws its data, for each seed of `--seeds`:
   name colours (each category a sixth), scored the same way, with the pass rate of
   each category, and `off_palette`: the share of its captions without a colour word
   whose image shows an object of no palette colour (the benchmark's off-palette measure,
-  reported beside the rule, not part of it).
+  which limits the rule).
 
 The rule (`docs/self-cot.md`): among the models whose off-palette share is at most
 `--max-off-palette` (the 1% the shapes model is held to), the one with the highest mean
-of the two streams' rewards, averaged over the seeds, wins. The benchmark's prompt sets are drawn from
-other seeds and are measured once, after the choice.
+of the two streams' rewards, averaged over the seeds, wins. The benchmark's prompt sets
+are drawn from other seeds and are measured once, after the choice.
 """
 
 from __future__ import annotations
