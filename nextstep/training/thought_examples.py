@@ -7,10 +7,16 @@ one line of a text-to-image JSONL manifest (`{"file", "caption", "plan", ...}`) 
 "files"` data source reads (the thought as the row's plan). Trained on with the drawing held (`[train]
 hold_images`), the text path learns to write the thoughts its own drawing gets right: rejection-
 sampling fine-tuning, STaR's idea applied to a plan before an image (docs/self-cot.md).
+
+A reward that judges the image against the caption alone keeps images that do not show their own
+thought ("three circles" after "red circle top left, ..." drawn in orange), and training on them
+teaches the drawing that a thought is a loose hint. `keep_agreeing` (`python -m
+nextstep.training.thought_examples MANIFEST ...`) keeps the lines whose image shows its thought.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,3 +61,47 @@ def make_thought_examples(pipe: Any, prompts: Sequence[str], seeds: Sequence[int
     atomic_write(out / EXAMPLES_FILE, lambda tmp: Path(tmp).write_text(text))
     return {"prompts": len(prompts), "images": len(all_scores), "examples": len(lines),
             "mean_score": sum(all_scores) / len(all_scores), "file": str(out / EXAMPLES_FILE)}
+
+
+def keep_agreeing(manifest: Path, out: Path, agrees: Callable[[Any, str], bool] | None = None) -> dict[str, int]:
+    """Write to `out` (beside `manifest`, whose image paths are relative to its folder) the lines of
+    `manifest` whose image agrees with its thought by `agrees(image, plan)` (default: the shapes world's
+    `image_agrees_with_thought`). Returns how many lines were read and kept."""
+    from PIL import Image
+
+    if agrees is None:
+        from ..shapes.plan import image_agrees_with_thought as agrees
+    if out.resolve().parent != manifest.resolve().parent:
+        raise ValueError(f"{out} must be in {manifest.parent}: the manifest's image paths are relative to it")
+    if out.resolve() == manifest.resolve():
+        raise ValueError(f"{out} is the manifest itself: write the kept lines to a new file")
+    lines = [line for line in manifest.read_text().splitlines() if line.strip()]
+    kept = []
+    for k, line in enumerate(lines, 1):
+        row = json.loads(line)
+        if "plan" not in row or "file" not in row:
+            raise ValueError(f"{manifest}:{k} has no 'file' and 'plan': not a thought-examples manifest")
+        with Image.open(manifest.parent / row["file"]) as im:
+            if agrees(im.convert("RGB"), row["plan"]):
+                kept.append(line + "\n")
+    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(kept)))
+    return {"read": len(lines), "kept": len(kept)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Keep the thought examples whose image shows its thought: for "
+                                            "each MANIFEST, write NAME-agrees.jsonl beside it.")
+    p.add_argument("manifests", type=Path, nargs="+", metavar="MANIFEST", help="a thought-examples manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing NAME-agrees.jsonl")
+    args = p.parse_args(argv)
+    for manifest in args.manifests:
+        out = manifest.with_name(f"{manifest.stem}-agrees.jsonl")
+        if out.exists() and not args.overwrite:
+            p.error(f"{out} exists; pass --overwrite to replace it")
+        n = keep_agreeing(manifest, out)
+        print(f"{out}: kept {n['kept']} of {n['read']} examples (image shows its thought)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
