@@ -55,3 +55,44 @@ def test_main_writes_beside_each_manifest_and_keeps_what_exists(tmp_path, capsys
     with pytest.raises(SystemExit):
         main([str(manifest)])
     assert out.read_text() == "mine\n"
+
+
+class _Settings:
+    def thinks(self, edit: bool) -> bool:
+        return True
+
+
+class _Pipe:
+    """Draws, for every caption, the first scene after a thought that is the second scene's plan and
+    the second scene after its own plan."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def iter_generate(self, prompts, settings, seeds, n, thoughts, batch_images, progress):
+        a, b = self.samples
+        for i in range(len(prompts)):
+            yield i, [render_image(a.scene), render_image(b.scene)], [b.plan, b.plan]
+
+
+def test_make_thought_examples_with_agrees_keeps_the_image_that_shows_its_thought(tmp_path):
+    from nextstep.shapes.plan import image_agrees_with_thought
+    from nextstep.training.thought_examples import make_thought_examples
+
+    config = ShapesConfig(size=64, seed=3, plan_prob=1.0)
+    samples = [make_sample(config, i) for i in range(2)]
+
+    def reward(images, prompts, sources):
+        return [1.0, 0.5]  # the image that does not show its thought scores higher
+
+    for agrees, kept_seed in ((None, 10), (image_agrees_with_thought, 11)):
+        out = tmp_path / str(kept_seed)
+        summary = make_thought_examples(_Pipe(samples), ["a caption"], [10], 2, _Settings(), reward, out,
+                                        min_score=0.5, agrees=agrees)
+        [line] = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert summary["examples"] == 1 and line["seed"] == kept_seed and line["plan"] == samples[1].plan
+    # No image shows its thought above min_score: no example.
+    out = tmp_path / "none"
+    make_thought_examples(_Pipe(samples), ["a caption"], [10], 2, _Settings(), reward, out, min_score=0.6,
+                          agrees=image_agrees_with_thought)
+    assert (out / "manifest.jsonl").read_text() == ""

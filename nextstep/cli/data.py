@@ -119,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_self_sample_args(t, "captions", "thoughts (one image each) per caption")
     t.add_argument("--min-score", type=float, default=1.0, help="the least reward a kept image has (default 1: "
                                                                 "every check of its caption holds)")
+    t.add_argument("--shows-thought", action="store_true",
+                   help="keep only images that show their thought (the shapes detector's colours, shapes and cells)")
     add_settings_args(t, edit=False)
     add_think_args(t, edit=False)
     t.set_defaults(run=run_thoughts, edits=False)
@@ -233,6 +235,7 @@ def run_preferences(args: argparse.Namespace) -> int:
 def run_thoughts(args: argparse.Namespace) -> int:
     from ..settings import SEED_MODULUS
     from ..shapes.dataset import make_sample
+    from ..shapes.plan import image_agrees_with_thought
     from ..training.rewards import load_reward
     from ..training.thought_examples import EXAMPLES_FILE, make_thought_examples
 
@@ -247,7 +250,8 @@ def run_thoughts(args: argparse.Namespace) -> int:
     summary = make_thought_examples(
         pipe, [s.caption for s in samples], [(args.seed + i * n) % SEED_MODULUS for i in range(args.num)], n,
         settings, reward, out, args.min_score, [{"category": s.category} for s in samples],
-        batch_images=args.batch_size * n, progress=sys.stderr.isatty())
+        batch_images=args.batch_size * n, progress=sys.stderr.isatty(),
+        agrees=image_agrees_with_thought if args.shows_thought else None)
     print(f"{summary['examples']} examples from {summary['prompts']} captions ({summary['images']} images, mean "
           f"score {summary['mean_score']:.3f}): {summary['file']}")
     return 0

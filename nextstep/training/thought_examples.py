@@ -32,11 +32,13 @@ EXAMPLES_FILE = "manifest.jsonl"
 def make_thought_examples(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], n: int, settings: Any,
                           reward: Callable[..., Sequence[float]], out: Path, min_score: float = 1.0,
                           extra: Sequence[dict[str, Any]] | None = None, batch_images: int = 64,
-                          progress: bool = False) -> dict[str, Any]:
+                          progress: bool = False, agrees: Callable[[Any, str], bool] | None = None
+                          ) -> dict[str, Any]:
     """n thoughts and images per caption with `pipe` (image k of caption i from seed seeds[i] + k), scored
     with `reward(images, prompts, sources)`; each caption's best image (the first of equals) scoring at
     least `min_score` is written with its thought: OUT/images/*.png, then OUT/manifest.jsonl (atomically,
-    last). `extra[i]` is merged into caption i's line. Returns a summary."""
+    last). With `agrees(image, thought)`, only images that show their thought are candidates. `extra[i]`
+    is merged into caption i's line. Returns a summary."""
     from .rewards import checked_scores
 
     if n < 1:
@@ -50,8 +52,9 @@ def make_thought_examples(pipe: Any, prompts: Sequence[str], seeds: Sequence[int
                                                   progress):
         scores = checked_scores(reward(images, [prompts[i]] * n, [None] * n), n, "reward")
         all_scores += scores
-        best = max(range(n), key=lambda k: scores[k])
-        if scores[best] < min_score or not thoughts[best].strip():
+        candidates = [k for k in range(n) if agrees is None or agrees(images[k], thoughts[k])]
+        best = max(candidates, key=lambda k: scores[k], default=None)
+        if best is None or scores[best] < min_score or not thoughts[best].strip():
             continue
         name = f"{i:06d}.png"
         atomic_write(out / IMAGES / name, lambda tmp, im=images[best]: im.save(tmp, format="PNG"))
