@@ -11,7 +11,8 @@ sampling fine-tuning, STaR's idea applied to a plan before an image (docs/self-c
 A reward that judges the image against the caption alone keeps images that do not show their own
 thought ("three circles" after "red circle top left, ..." drawn in orange), and training on them
 teaches the drawing that a thought is a loose hint. `keep_agreeing` (`python -m
-nextstep.training.thought_examples MANIFEST ...`) keeps the lines whose image shows its thought.
+nextstep.training.thought_examples MANIFEST ...`) keeps the lines whose image shows its thought, or
+with `--relabel` replaces a thought by the plan its image shows where that plan fits the caption.
 """
 
 from __future__ import annotations
@@ -66,43 +67,59 @@ def make_thought_examples(pipe: Any, prompts: Sequence[str], seeds: Sequence[int
             "mean_score": sum(all_scores) / len(all_scores), "file": str(out / EXAMPLES_FILE)}
 
 
-def keep_agreeing(manifest: Path, out: Path, agrees: Callable[[Any, str], bool] | None = None) -> dict[str, int]:
+def keep_agreeing(manifest: Path, out: Path, relabel: bool = False) -> dict[str, int]:
     """Write to `out` (beside `manifest`, whose image paths are relative to its folder) the lines of
-    `manifest` whose image agrees with its thought by `agrees(image, plan)` (default: the shapes world's
-    `image_agrees_with_thought`). Returns how many lines were read and kept."""
+    `manifest` whose image shows its thought (the shapes world's `image_agrees_with_thought`). With
+    `relabel`, a line whose image shows another plan that also fits its caption is kept with that
+    plan as its thought (hindsight: the thought the image was drawn after is what it shows), and
+    only lines whose image shows no such plan are dropped. Returns how many lines were read, kept
+    as they were, and relabelled."""
     from PIL import Image
 
-    if agrees is None:
-        from ..shapes.plan import image_agrees_with_thought as agrees
+    from ..shapes.detector import detect
+    from ..shapes.plan import detection_plan, image_agrees_with_thought, thought_agrees_with_caption
+
     if out.resolve().parent != manifest.resolve().parent:
         raise ValueError(f"{out} must be in {manifest.parent}: the manifest's image paths are relative to it")
     if out.resolve() == manifest.resolve():
         raise ValueError(f"{out} is the manifest itself: write the kept lines to a new file")
     lines = [line for line in manifest.read_text().splitlines() if line.strip()]
-    kept = []
+    kept, relabelled = [], 0
     for k, line in enumerate(lines, 1):
         row = json.loads(line)
-        if "plan" not in row or "file" not in row:
-            raise ValueError(f"{manifest}:{k} has no 'file' and 'plan': not a thought-examples manifest")
+        if "plan" not in row or "file" not in row or "caption" not in row:
+            raise ValueError(f"{manifest}:{k} has no 'file', 'caption' and 'plan': not a thought-examples manifest")
         with Image.open(manifest.parent / row["file"]) as im:
-            if agrees(im.convert("RGB"), row["plan"]):
-                kept.append(line + "\n")
+            detection = detect(im.convert("RGB"))
+        if image_agrees_with_thought(detection, row["plan"]):
+            kept.append(line + "\n")
+            continue
+        shown = detection_plan(detection)
+        if relabel and all(o.colour and o.shape for o in shown.objects) and thought_agrees_with_caption(
+                shown, row["caption"]):
+            kept.append(json.dumps({**row, "plan": str(shown), "drawn_after": row["plan"]}) + "\n")
+            relabelled += 1
     atomic_write(out, lambda tmp: Path(tmp).write_text("".join(kept)))
-    return {"read": len(lines), "kept": len(kept)}
+    return {"read": len(lines), "kept": len(kept) - relabelled, "relabelled": relabelled}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Keep the thought examples whose image shows its thought: for "
-                                            "each MANIFEST, write NAME-agrees.jsonl beside it.")
+                                            "each MANIFEST, write NAME-agrees.jsonl beside it (with "
+                                            "--relabel, NAME-relabelled.jsonl).")
     p.add_argument("manifests", type=Path, nargs="+", metavar="MANIFEST", help="a thought-examples manifest")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing NAME-agrees.jsonl")
+    p.add_argument("--relabel", action="store_true",
+                   help="keep an example whose image shows another plan that fits its caption, with that plan")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     for manifest in args.manifests:
-        out = manifest.with_name(f"{manifest.stem}-agrees.jsonl")
+        out = manifest.with_name(f"{manifest.stem}-{'relabelled' if args.relabel else 'agrees'}.jsonl")
         if out.exists() and not args.overwrite:
             p.error(f"{out} exists; pass --overwrite to replace it")
-        n = keep_agreeing(manifest, out)
-        print(f"{out}: kept {n['kept']} of {n['read']} examples (image shows its thought)", flush=True)
+        n = keep_agreeing(manifest, out, args.relabel)
+        print(f"{out}: of {n['read']} examples, {n['kept']} kept (the image shows its thought)"
+              + (f", {n['relabelled']} relabelled with the plan their image shows" if args.relabel else ""),
+              flush=True)
     return 0
 
 
