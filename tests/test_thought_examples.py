@@ -28,8 +28,25 @@ def _manifest(tmp_path):
 def test_keep_agreeing_drops_an_image_that_shows_another_thought(tmp_path):
     manifest, lines = _manifest(tmp_path)
     out = tmp_path / "kept.jsonl"
-    assert keep_agreeing(manifest, out) == {"read": 3, "kept": 2}
+    assert keep_agreeing(manifest, out) == {"read": 3, "kept": 2, "relabelled": 0}
     assert [json.loads(line) for line in out.read_text().splitlines()] == lines[:2]
+
+
+def test_relabel_gives_an_image_the_plan_it_shows_where_that_plan_fits_its_caption(tmp_path):
+    from nextstep.shapes.plan import plan_text
+
+    manifest, lines = _manifest(tmp_path)
+    scenes = [make_sample(ShapesConfig(size=64, seed=3, plan_prob=1.0), i).scene for i in range(3)]
+    out = tmp_path / "relabelled.jsonl"
+    assert keep_agreeing(manifest, out, relabel=True) == {"read": 3, "kept": 2, "relabelled": 1}
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got[:2] == lines[:2]
+    assert got[2] == {**lines[2], "plan": plan_text(scenes[2]), "drawn_after": lines[2]["plan"]}
+    # An image whose own plan does not fit its caption is dropped even when relabelling.
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[2]["caption"] = "four squares on a dark background"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert keep_agreeing(manifest, out, relabel=True) == {"read": 3, "kept": 2, "relabelled": 0}
 
 
 def test_keep_agreeing_refuses_paths_that_would_break_or_replace_the_manifest(tmp_path):
@@ -40,8 +57,8 @@ def test_keep_agreeing_refuses_paths_that_would_break_or_replace_the_manifest(tm
     with pytest.raises(ValueError, match="relative"):
         keep_agreeing(manifest, tmp_path / "elsewhere" / "kept.jsonl")
     bad = tmp_path / "captions.jsonl"
-    bad.write_text(json.dumps({"file": "images/0.png", "caption": "a red circle"}) + "\n")
-    with pytest.raises(ValueError, match="captions.jsonl:1 has no 'file' and 'plan'"):
+    bad.write_text(json.dumps({"file": "images/0.png", "caption": "a red circle"}) + "\n")  # no plan
+    with pytest.raises(ValueError, match="captions.jsonl:1 has no 'file', 'caption' and 'plan'"):
         keep_agreeing(bad, tmp_path / "kept.jsonl")
 
 
@@ -50,7 +67,7 @@ def test_main_writes_beside_each_manifest_and_keeps_what_exists(tmp_path, capsys
     assert main([str(manifest)]) == 0
     out = tmp_path / "manifest-agrees.jsonl"
     assert len(out.read_text().splitlines()) == 2
-    assert "kept 2 of 3" in capsys.readouterr().out
+    assert "of 3 examples, 2 kept" in capsys.readouterr().out
     out.write_text("mine\n")
     with pytest.raises(SystemExit):
         main([str(manifest)])
