@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nextstep.pipeline import SHIPPED_MODEL, NextStepPipeline
 from nextstep.training import think_default
 from nextstep.training.ship import main as ship_main
@@ -142,3 +144,43 @@ def test_stream_rule_chooses_the_best_rule_among_models_within_the_off_palette_l
     assert choose(results, 0.02) == "40"
     assert choose(results, 0.005) == "37"
     assert choose(results, 0.001) is None
+
+
+def test_stream_rule_judges_a_new_model_against_a_recorded_result(tmp_path, monkeypatch, capsys):
+    """`--against`: a recorded result joins the choice unsampled, seed by seed differences are
+    printed, and a result measured on other streams is refused before anything is sampled."""
+    from nextstep.training import stream_rule
+
+    def fake(world_by_seed: dict[str, float], off: float) -> dict:
+        seeds = {k: {"world": w, "category_reward": 1.0} for k, w in world_by_seed.items()}
+        rule = sum((w + 1.0) / 2 for w in world_by_seed.values()) / len(world_by_seed)
+        return {"rule": rule, "off_palette": off, "seeds": seeds, "world": 0.0, "world_captions": 0.0,
+                "world_edits": 0.0, "category_reward": 1.0, "category_passed": 1.0, "passed": {}}
+
+    old = fake({"1000": 0.90, "2000": 0.80, "3000": 0.70}, 0.005)  # recorded before streams were written down
+    (tmp_path / "old.json").write_text(json.dumps({"stage 39": old}))
+    sampled = []
+
+    def measure_model(export, defaults, seeds, world, captions, dark_prob):
+        sampled.append(export)
+        r = fake({"1000": 0.92, "2000": 0.78, "3000": 0.66}, 0.0)  # lower overall, higher on one seed
+        r["streams"] = stream_rule.streams(seeds, world, captions, dark_prob)
+        return r
+
+    monkeypatch.setattr(stream_rule, "measure_model", measure_model)
+    (tmp_path / "d.json").write_text("{}")
+    new, out = tmp_path / "new", tmp_path / "rule.json"
+    args = ["--model", str(new), str(tmp_path / "d.json"), "--out", str(out), "--against", str(tmp_path / "old.json")]
+    assert stream_rule.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "chosen by the rule: stage 39 (recorded)" in printed
+    assert "-0.0067 (seeds +0.0100 / -0.0100 / -0.0200)" in printed
+    assert list(json.loads(out.read_text())) == [f"{new} at {tmp_path / 'd.json'}"]  # only what this run measured
+
+    # a recorded result on other streams is refused, naming both, before any sampling
+    other = dict(old, streams=stream_rule.streams((1000, 2000, 3000), 256, 768, 0.3))
+    (tmp_path / "other.json").write_text(json.dumps({"stage 39": other}))
+    sampled.clear()
+    with pytest.raises(SystemExit):
+        stream_rule.main(args[:-1] + [str(tmp_path / "other.json")])
+    assert "other streams" in capsys.readouterr().err and sampled == []

@@ -18,6 +18,12 @@ The rule (`docs/self-cot.md`): among the models whose off-palette share is at mo
 `--max-off-palette` (the 1% the shapes model is held to), the one with the highest mean
 of the two streams' rewards, averaged over the seeds, wins. The benchmark's prompt sets
 are drawn from other seeds and are measured once, after the choice.
+
+`--against RESULT.json` puts models an earlier run measured on the same streams (its `--out`)
+into the choice without sampling them again: a new stage is judged against the recorded
+stage it would replace. Beside the choice it prints every other model's rule minus the chosen
+one's, seed by seed, since the streams are shared: differences that change sign from seed to
+seed are within the streams' noise.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from .rewards import shapes_reward
 from .think_default import load_at_defaults, measure
 
 SEEDS = (1000, 2000, 3000)
+WORLD, CAPTIONS, DARK_PROB = 1024, 768, 0.3  # samples per seed on each stream; dark scenes as in training
 
 
 def category_stream(captions: int, seed: int, size: int, dark_prob: float) -> tuple[list[str], list[str]]:
@@ -69,13 +76,51 @@ def measure_model(export: Path, defaults: dict[str, Any], seeds: tuple[int, ...]
                   dark_prob: float) -> dict[str, Any]:
     """Every seed's numbers and their means; `rule` is the number the choice compares."""
     pipe = load_at_defaults(export, defaults)
-    per_seed = {seed: measure_seed(pipe, seed, world, captions, dark_prob) for seed in seeds}
+    per_seed = {str(seed): measure_seed(pipe, seed, world, captions, dark_prob) for seed in seeds}
     keys = [k for k in next(iter(per_seed.values())) if k != "passed"]
     result: dict[str, Any] = {k: mean([r[k] for r in per_seed.values()]) for k in keys}
     result["passed"] = {c: mean([r["passed"][c] for r in per_seed.values()]) for c in CATEGORIES}
     result["rule"] = (result["world"] + result["category_reward"]) / 2
     result["seeds"] = per_seed
+    result["streams"] = streams(seeds, world, captions, dark_prob)
     return result
+
+
+def streams(seeds: tuple[int, ...], world: int, captions: int, dark_prob: float) -> dict[str, Any]:
+    """What makes two results comparable: the same prompts, drawn the same way."""
+    return {"seeds": sorted(seeds), "world": world, "captions": captions, "dark_prob": dark_prob}
+
+
+def load_recorded(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The results an earlier run wrote to `path`, refused unless measured on `expected`'s streams.
+
+    Results recorded before the streams were written down (2026-12-06) were measured on the
+    default counts; their seeds are read from the result itself.
+    """
+    recorded = json.loads(path.read_text())
+    for name, r in recorded.items():
+        theirs = r.get("streams") or streams(tuple(int(k) for k in r["seeds"]), WORLD, CAPTIONS, DARK_PROB)
+        if theirs != expected:
+            raise ValueError(f"{path}: {name!r} was measured on other streams ({theirs}) than this run's "
+                             f"({expected}), so the two cannot be compared")
+    return recorded
+
+
+def seed_rules(result: dict[str, Any]) -> dict[str, float]:
+    """The rule of each seed alone."""
+    return {seed: (r["world"] + r["category_reward"]) / 2 for seed, r in result["seeds"].items()}
+
+
+def against(results: dict[str, dict[str, Any]], chosen: str) -> list[str]:
+    """One line per other model: its rule minus the chosen one's, overall and seed by seed."""
+    mine = seed_rules(results[chosen])
+    lines = []
+    for name, r in results.items():
+        if name != chosen:
+            theirs = seed_rules(r)
+            per_seed = " / ".join(f"{theirs[k] - mine[k]:+.4f}" for k in sorted(mine, key=int))
+            lines.append(f"  {name}: {r['rule'] - results[chosen]['rule']:+.4f} (seeds {per_seed})")
+    return lines
 
 
 def choose(results: dict[str, dict[str, Any]], max_off_palette: float) -> str | None:
@@ -90,15 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs=2, action="append", required=True, metavar=("EXPORT", "DEFAULTS"),
                    help="a model folder and the generation_defaults.json it would ship with (repeat)")
     p.add_argument("--out", type=Path, required=True, help="where the measurements go (JSON)")
+    p.add_argument("--against", type=Path, action="append", default=[], metavar="RESULT",
+                   help="the --out of an earlier run on the same streams: its models join the choice unsampled")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the streams' seeds")
-    p.add_argument("--world", type=int, default=1024, help="world samples per seed, half captions, half edits")
-    p.add_argument("--captions", type=int, default=768, help="category-stream captions per seed")
-    p.add_argument("--dark-prob", type=float, default=0.3, help="share of dark scenes, as in training")
+    p.add_argument("--world", type=int, default=WORLD, help="world samples per seed, half captions, half edits")
+    p.add_argument("--captions", type=int, default=CAPTIONS, help="category-stream captions per seed")
+    p.add_argument("--dark-prob", type=float, default=DARK_PROB, help="share of dark scenes, as in training")
     p.add_argument("--max-off-palette", type=float, default=0.01,
                    help="a model with more off-palette images than this share is not chosen")
     args = p.parse_args(argv)
     if args.world < 2 or args.captions < 1:
         p.error(f"--world must be at least 2 and --captions at least 1, got {args.world} and {args.captions}")
+    recorded: dict[str, Any] = {}
+    for path in args.against:  # read before sampling, so a mismatch costs nothing
+        try:
+            recorded.update(load_recorded(path, streams(tuple(args.seeds), args.world, args.captions, args.dark_prob)))
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--against {path}: {e}")
     results: dict[str, Any] = {}
     for export, defaults in args.model:
         r = measure_model(Path(export), json.loads(Path(defaults).read_text()), tuple(args.seeds), args.world,
@@ -110,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
               f"(passed {r['category_passed']:.3f}; " + ", ".join(f"{c} {v:.3f}" for c, v in r["passed"].items())
               + f"); off-palette without colour words {r['off_palette']:.4f}", flush=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
+    measured = set(results)
+    results.update({name: r for name, r in recorded.items() if name not in measured})
     chosen = choose(results, args.max_off_palette)
-    print(f"chosen by the rule: {chosen}" if chosen else
-          f"chosen by the rule: none (every model's off-palette share is above {args.max_off_palette})")
+    if chosen is None:
+        print(f"chosen by the rule: none (every model's off-palette share is above {args.max_off_palette})")
+        return 0
+    print(f"chosen by the rule: {chosen}" + ("" if chosen in measured else " (recorded)"))
+    if len(results) > 1:
+        print("the others' rule minus the chosen one's:", *against(results, chosen), sep="\n")
     return 0
 
 
