@@ -80,7 +80,7 @@ def measure_model(export: Path, defaults: dict[str, Any], seeds: tuple[int, ...]
     keys = [k for k in next(iter(per_seed.values())) if k != "passed"]
     result: dict[str, Any] = {k: mean([r[k] for r in per_seed.values()]) for k in keys}
     result["passed"] = {c: mean([r["passed"][c] for r in per_seed.values()]) for c in CATEGORIES}
-    result["rule"] = (result["world"] + result["category_reward"]) / 2
+    result["rule"] = rule_of(result)
     result["seeds"] = per_seed
     result["streams"] = streams(seeds, world, captions, dark_prob)
     return result
@@ -106,9 +106,14 @@ def load_recorded(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, A
     return recorded
 
 
+def rule_of(numbers: dict[str, Any]) -> float:
+    """The number the choice compares: the mean of the two streams' rewards."""
+    return (numbers["world"] + numbers["category_reward"]) / 2
+
+
 def seed_rules(result: dict[str, Any]) -> dict[str, float]:
     """The rule of each seed alone."""
-    return {seed: (r["world"] + r["category_reward"]) / 2 for seed, r in result["seeds"].items()}
+    return {seed: rule_of(r) for seed, r in result["seeds"].items()}
 
 
 def against(results: dict[str, dict[str, Any]], chosen: str) -> list[str]:
