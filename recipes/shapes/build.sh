@@ -92,15 +92,19 @@ done_stage recipes/shapes/37-fifth-cycle.toml || {
     draw_thoughts 37 36-fourth-cycle 41 42 43
     nextstep train recipes/shapes/37-fifth-cycle.toml --resume
 }
-# and stage 37 with edits at 80% of the rows and half the learning rate, reading thought examples
-# drawn by stage 37 (stage 38's, which its own cycle did not use well)
-done_stage recipes/shapes/39-edits-polish.toml || {
+# and stage 37 with edits at 80% of the rows and half the learning rate (stage 39's file, which
+# stage 46 inherits), reading thought examples drawn by stage 37, each whose image shows another plan
+# that fits its caption relabelled with that plan, so that every thought it trains on is one its
+# image shows. (Stage 39, the same on the examples as drawn, shipped before it; it feeds nothing here.)
+done_stage recipes/shapes/46-polish-relabelled.toml || {
     draw_thoughts 38 37-fifth-cycle 44 45 46
-    nextstep train recipes/shapes/39-edits-polish.toml --resume
+    [ -e runs/shapes/38-thoughts-cattr/manifest-relabelled.jsonl ] || python -m \
+        nextstep.training.thought_examples --relabel --overwrite runs/shapes/38-thoughts-{bc,world,cattr}/manifest.jsonl
+    nextstep train recipes/shapes/46-polish-relabelled.toml --resume
 }
 # whether it thinks by default, for captions and for edits apart, chosen on a training stream, with
 # the sampler of sampler-cps.json (chosen on the training streams: python -m nextstep.training.stream_rule)
-final=runs/shapes/39-edits-polish   # the stage that ships
+final=runs/shapes/46-polish-relabelled   # the stage that ships
 defaults=$final/generation_defaults.json
 cp recipes/shapes/generation_defaults.json $final/export/
 [ -e "$defaults" ] || python -m nextstep.training.think_default $final/export \
