@@ -134,4 +134,4 @@ def test_recipe_folders_run_only_their_numbered_files():
         assert (folder / "base.toml").is_file() and "base.toml" not in names
     numbers = [int(f.name.split("-")[0]) for f in stage_files(ROOT / "recipes" / "shapes")]
     # after 16: 17-dpo (then 18- to 21-dpo), or 17-grpo, 17-plan; after 21: 22-plan, 23-plan, 24- to 27-dpo
-    assert numbers == list(range(1, 17)) + [17, 17, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47]
+    assert numbers == list(range(1, 17)) + [17, 17, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48]

@@ -297,9 +297,9 @@ def test_recipes_parse():
     assert "pretrain" in stages.values() and "sft" in stages.values()
     dpo = {recipe: [s for f, s in stages.items() if f.parent == recipe].count("dpo")
            for recipe in {f.parent for f in files}}
-    # every recipe has a DPO stage (shapes: five rounds, then four on thoughts, shipped, and one on stage
-    # 46's edits; shapes-next: the alternative to GRPO)
-    assert {r.name: n for r, n in dpo.items()} == {"nextstep1": 1, "shapes": 10, "shapes-next": 1}
+    # every recipe has a DPO stage (shapes: five rounds, then four on thoughts, then two on
+    # stage 46's edits; shapes-next: the alternative to GRPO)
+    assert {r.name: n for r, n in dpo.items()} == {"nextstep1": 1, "shapes": 11, "shapes-next": 1}
 
 
 def test_context_noise_reaches_the_decoder_not_the_targets(ref10, expected10):
